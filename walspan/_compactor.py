@@ -1,0 +1,110 @@
+"""Folding a WAL, and materialising the canonical JSON trace from it.
+
+Compaction of one session is serialised by its own lock (.walspan/S.compact), never by the
+append lock: appends never wait for it. It is monotonic: the JSON names the WAL position it
+reflects (wal.offset / wal.seq), and a compaction never replaces a JSON with one reflecting
+less. It is incremental: the existing JSON is the checkpoint of the fold, so compacting after
+k new records costs O(k + size of the output), not a re-fold of the whole WAL.
+The JSON is a cache: deleting it loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+from . import _fsutil, _locking
+from ._fold import TraceFold, dumps
+from ._format import FILE_HEADER_SIZE, unpack_payload
+from ._reader import ScanState, iter_records, read_header
+from ._wal import internal_dir
+from .errors import CorruptWALError
+
+log = logging.getLogger("walspan")
+
+#: Test hook: called between the tmp file's fsync and the rename (used to widen the M1 window).
+before_rename: Callable[[str], None] | None = None
+
+
+def fold_wal(path: str, checkpoint: TraceFold | None = None, upto: int | None = None) -> tuple[TraceFold, ScanState]:
+    """Fold the valid prefix of the WAL at `path` (optionally from a checkpoint, up to `upto`)."""
+    fd = _fsutil.open_file(path, os.O_RDONLY)
+    try:
+        salt = read_header(fd, path)
+        size = os.fstat(fd).st_size
+        if checkpoint is not None and (checkpoint.salt != salt or checkpoint.offset > size or checkpoint.offset < FILE_HEADER_SIZE):
+            checkpoint = None
+        if checkpoint is not None:
+            try:
+                return _fold_from(fd, path, salt, checkpoint, upto)
+            except (CorruptWALError, KeyError, TypeError, ValueError) as exc:
+                log.info("walspan: %s: checkpoint unusable (%s); folding from the start", path, exc)
+        return _fold_from(fd, path, salt, TraceFold(), upto)
+    finally:
+        os.close(fd)
+
+
+def _fold_from(fd: int, path: str, salt: int, fold: TraceFold, upto: int | None) -> tuple[TraceFold, ScanState]:
+    scan = ScanState(path)
+    start = fold.offset if fold.offset >= FILE_HEADER_SIZE else FILE_HEADER_SIZE
+    fold.salt = salt
+    apply = fold.apply
+    end, seq = start, fold.seq
+    for offset, rtype, rseq, payload in iter_records(fd, scan, start=start, start_seq=fold.seq, salt=salt):
+        if upto is not None and offset >= upto:
+            break
+        try:
+            body = unpack_payload(payload)  # type: ignore[arg-type]
+        except Exception as exc:  # a record with a valid checksum whose payload is not ours
+            raise CorruptWALError(path, offset, f"record payload does not decode: {exc}") from None
+        if not isinstance(body, dict):
+            raise CorruptWALError(path, offset, "record payload is not a map")
+        try:
+            apply(rtype, body)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise CorruptWALError(path, offset, f"record of type {rtype} is malformed: {exc!r}") from None
+        end, seq = scan.end, rseq
+    fold.offset, fold.seq = (scan.end, scan.last_seq) if upto is None else (end, seq)
+    return fold, scan
+
+
+def read_json(path: str) -> dict[str, Any] | None:
+    """The canonical JSON at path, or None if it is missing or unreadable (it is only a cache)."""
+    try:
+        with open(path, "rb") as f:
+            doc = json.loads(f.read())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("walspan: ignoring unreadable trace file %s: %s", path, exc)
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def compact(store_dir: str, stem: str) -> tuple[str, bool]:
+    """Bring S.json up to the WAL's valid end. Returns (json path, whether it was rewritten)."""
+    wal_path = os.path.join(store_dir, stem + ".wal")
+    json_path = os.path.join(store_dir, stem + ".json")
+    lock_fd = _fsutil.open_file(os.path.join(internal_dir(store_dir), stem + ".compact"), os.O_RDWR | os.O_CREAT)
+    try:
+        _locking.lock(lock_fd)
+        existing = read_json(json_path)
+        checkpoint = None
+        if existing is not None:
+            try:
+                checkpoint = TraceFold.from_dict(existing)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                log.warning("walspan: %s is not a usable checkpoint (%r); rebuilding it", json_path, exc)
+        old_pos = (checkpoint.salt, checkpoint.seq) if checkpoint is not None else None
+        fold, _scan = fold_wal(wal_path, checkpoint)
+        if old_pos is not None and old_pos[0] == fold.salt and old_pos[1] >= fold.seq:
+            return json_path, False  # monotonic: the JSON already reflects at least this much
+        data = dumps(fold.to_dict())
+        hook = before_rename
+        _fsutil.atomic_replace(json_path, data, before_rename=(lambda: hook(json_path)) if hook else None)
+        return json_path, True
+    finally:
+        os.close(lock_fd)  # closing the only descriptor releases the flock

@@ -1,0 +1,128 @@
+"""WAL framing: the file header and physical records. Framing only, no I/O policy.
+
+The byte layout is specified in docs/FORMAT.md; keep the two in step.
+
+File header (32 bytes, little-endian)::
+
+    0  magic      8 bytes  b"\\x89WALSPN\\n"
+    8  version    u16      FORMAT_VERSION
+    10 hdr_len    u16      32
+    12 flags      u32      0 (reserved)
+    16 salt       u64      random per file; seeds every record checksum
+    24 hdr_crc    u32      crc32 of bytes 0..24
+    28 reserved   u32      0
+
+Record (20-byte header + payload)::
+
+    0  crc        u32  crc32 of bytes 4..20+length, seeded with the low 32 bits of salt
+    4  length     u32  payload length in bytes
+    8  type       u16  record type (RecordType)
+    10 flags      u16  0 (reserved)
+    12 seq        u64  1 for the first record, +1 for each record after it
+    20 payload    msgpack map
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import zlib
+from typing import Any
+
+import msgpack
+
+MAGIC = b"\x89WALSPN\n"
+FORMAT_VERSION = 1
+FILE_HEADER_SIZE = 32
+RECORD_HEADER_SIZE = 20
+
+_FILE_HEADER = struct.Struct("<8sHHIQ")  # magic, version, hdr_len, flags, salt
+_FILE_HEADER_TAIL = struct.Struct("<II")  # hdr_crc, reserved
+RECORD_HEADER = struct.Struct("<IIHHQ")  # crc, length, type, flags, seq
+_CRC_PART = struct.Struct("<IHHQ")  # the header fields the checksum covers
+
+#: A payload larger than this is refused by writers and treated as damage by readers,
+#: so that a crafted or garbled length field can never make a reader allocate more.
+MAX_RECORD_PAYLOAD = 64 * 1024 * 1024
+
+
+class RecordType(enum.IntEnum):
+    """Logical record types. 1-63 are defined by format version 1.
+
+    An unknown type below FIRST_SKIPPABLE_TYPE means the file was written by a newer
+    walspan whose records this reader cannot interpret: readers must refuse it. Types
+    from FIRST_SKIPPABLE_TYPE up may be skipped by readers that do not know them.
+    """
+
+    TRACE_START = 1
+    WRITER_ATTACH = 2
+    WRITER_DETACH = 3
+    WRITER_LOST = 4
+    SPAN_START = 5
+    SPAN_ATTRIBUTES = 6
+    SPAN_EVENT = 7
+    SPAN_END = 8
+    METADATA = 9
+    TERMINAL = 10
+
+
+FIRST_SKIPPABLE_TYPE = 0x8000
+KNOWN_TYPES = frozenset(int(t) for t in RecordType)
+
+
+def encode_file_header(salt: int) -> bytes:
+    head = _FILE_HEADER.pack(MAGIC, FORMAT_VERSION, FILE_HEADER_SIZE, 0, salt)
+    return head + _FILE_HEADER_TAIL.pack(zlib.crc32(head), 0)
+
+
+class HeaderError(ValueError):
+    """The 32-byte file header is not a valid walspan header (reason in the message)."""
+
+
+def decode_file_header(data: bytes) -> int:
+    """Return the salt of a valid header; raise HeaderError saying what is wrong."""
+    if len(data) < FILE_HEADER_SIZE:
+        raise HeaderError(f"file header is {len(data)} bytes, expected {FILE_HEADER_SIZE}")
+    magic, version, hdr_len, _flags, salt = _FILE_HEADER.unpack_from(data, 0)
+    if magic != MAGIC:
+        raise HeaderError(f"bad magic {magic!r}: not a walspan WAL")
+    crc, _reserved = _FILE_HEADER_TAIL.unpack_from(data, _FILE_HEADER.size)
+    if zlib.crc32(data[: _FILE_HEADER.size]) != crc:
+        raise HeaderError("file header checksum mismatch")
+    if version != FORMAT_VERSION:
+        raise HeaderError(f"format version {version} is not supported (this walspan reads {FORMAT_VERSION})")
+    if hdr_len != FILE_HEADER_SIZE:
+        raise HeaderError(f"header length {hdr_len} is not supported")
+    return int(salt)
+
+
+def record_crc(salt: int, rtype: int, flags: int, seq: int, length: int, payload: bytes | memoryview) -> int:
+    seed = zlib.crc32(_CRC_PART.pack(length, rtype, flags, seq), salt & 0xFFFFFFFF)
+    return zlib.crc32(payload, seed)
+
+
+def pack_payload(payload: dict[str, Any]) -> bytes:
+    return msgpack.packb(payload, use_bin_type=True)
+
+
+def encode_record(salt: int, rtype: int, seq: int, payload_bytes: bytes) -> bytes:
+    length = len(payload_bytes)
+    if length > MAX_RECORD_PAYLOAD:
+        raise ValueError(f"record payload is {length} bytes, over the {MAX_RECORD_PAYLOAD}-byte limit")
+    crc = record_crc(salt, rtype, 0, seq, length, payload_bytes)
+    return RECORD_HEADER.pack(crc, length, rtype, 0, seq) + payload_bytes
+
+
+def unpack_payload(data: bytes | memoryview) -> Any:
+    """Decode a payload with explicit limits: a crafted file cannot force a large allocation."""
+    n = len(data)
+    return msgpack.unpackb(
+        data,
+        raw=False,
+        strict_map_key=True,
+        max_str_len=n,
+        max_bin_len=n,
+        max_array_len=n,
+        max_map_len=n // 2,
+        max_ext_len=n,
+    )

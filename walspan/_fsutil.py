@@ -1,0 +1,157 @@
+"""File-system primitives with the durability rules of DESIGN.md §4 in one place.
+
+- sync_data: fdatasync on Linux; F_FULLFSYNC on macOS (plain fsync there does not reach the
+  platter); fsync elsewhere.
+- fsync_dir: after a create or rename, so the name survives power loss (no-op on Windows,
+  where directories cannot be opened).
+- atomic_replace: tmp file in the same directory -> fsync -> os.replace -> fsync directory.
+- Files are created 0600 and opened with O_NOFOLLOW: a planted symlink is refused, not followed.
+
+Every function here goes through `faults`, a hook the fault-injection tests use to make a
+chosen call fail (ENOSPC, EIO) or pause; in production it is a no-op.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import sys
+from collections.abc import Callable
+
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_BINARY = getattr(os, "O_BINARY", 0)
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
+
+class _Faults:
+    """Fault-injection hook: tests set `hook(op, path)`; it may raise OSError or block."""
+
+    hook: Callable[[str, str], None] | None = None
+
+    def __call__(self, op: str, path: str) -> None:
+        hook = self.hook
+        if hook is not None:
+            hook(op, path)
+
+
+faults = _Faults()
+
+
+def open_file(path: str, flags: int, mode: int = FILE_MODE) -> int:
+    return os.open(path, flags | _O_NOFOLLOW | _O_CLOEXEC | _O_BINARY, mode)
+
+
+if sys.platform == "darwin":  # pragma: no cover - not tested on this platform
+    import fcntl
+
+    def _sync(fd: int) -> None:
+        try:
+            fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+        except OSError:
+            os.fsync(fd)  # F_FULLFSYNC is refused on some file systems (e.g. network)
+
+elif hasattr(os, "fdatasync"):
+    _sync = os.fdatasync
+else:  # pragma: no cover - Windows
+    _sync = os.fsync
+
+
+def sync_data(fd: int, path: str) -> None:
+    faults("fsync", path)
+    _sync(fd)
+
+
+def fsync_dir(path: str) -> None:
+    if os.name == "nt":  # pragma: no cover
+        return
+    faults("fsync_dir", path)
+    fd = os.open(path, os.O_RDONLY | _O_CLOEXEC | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_all(fd: int, data: bytes | memoryview, offset: int, path: str) -> None:
+    """pwrite all of `data` at `offset` (a short write is continued, not ignored)."""
+    faults("write", path)
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:  # pragma: no cover - pwrite raises instead on real errors
+            raise OSError(errno.EIO, "pwrite wrote nothing")
+        view = view[n:]
+        offset += n
+
+
+def tmp_name(final: str) -> str:
+    return f"{final}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def atomic_replace(final: str, data: bytes, *, before_rename: Callable[[], None] | None = None) -> None:
+    """Replace `final` with `data` so that a crash leaves the old file or the new, never a mix."""
+    directory = os.path.dirname(final) or "."
+    tmp = tmp_name(final)
+    fd = open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        try:
+            write_all(fd, data, 0, tmp)
+            sync_data(fd, tmp)
+        finally:
+            os.close(fd)
+        if before_rename is not None:
+            before_rename()
+        faults("replace", final)
+        os.replace(tmp, final)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(directory)
+
+
+def create_exclusive(final: str, data: bytes) -> bool:
+    """Create `final` holding `data`, durably, only if it does not exist. True if we created it.
+
+    The content is complete before the name appears (tmp + fsync + link), so no reader ever
+    sees a half-written file under the final name, and two racing creators cannot both win.
+    """
+    directory = os.path.dirname(final) or "."
+    tmp = tmp_name(final)
+    fd = open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        try:
+            write_all(fd, data, 0, tmp)
+            sync_data(fd, tmp)
+        finally:
+            os.close(fd)
+        faults("link", final)
+        try:
+            if hasattr(os, "link"):
+                os.link(tmp, final)
+            else:  # pragma: no cover - Windows: rename refuses an existing target
+                os.rename(tmp, final)
+        except FileExistsError:
+            return False
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+    fsync_dir(directory)
+    return True
+
+
+def ensure_dir(path: str) -> None:
+    """Create the directory (0700) and its parents if missing; refuse a non-directory."""
+    try:
+        os.makedirs(path, mode=DIR_MODE, exist_ok=True)
+    except FileExistsError:
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", path) from None
+    if not os.path.isdir(path):
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", path)

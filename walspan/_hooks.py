@@ -1,0 +1,166 @@
+"""What a writer process records as it dies, and what a fork() child must forget.
+
+Installed once per process, when a Store with install_hooks=True first attaches a writer:
+- sys.excepthook: an uncaught exception ends every trace this process has attached as
+  `error` ("<Type>: <message>"); threading.excepthook ends the traces opened by that thread.
+- SIGTERM, SIGINT, SIGHUP: mark every attached trace `crashed` ("killed by SIGTERM"), then the
+  previous handler runs, or the default action happens (the process dies by the signal). A
+  signal whose disposition was SIG_IGN is left alone.
+- atexit (and multiprocessing's exit finalizers, which run where atexit does not): detach.
+Every hook chains to whatever was installed before it. SIGKILL and power loss are recovery's job.
+
+A signal can arrive while this very thread is inside a walspan call holding a lock; the handler
+then defers its work to the moment the call returns (see `busy`), instead of deadlocking.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import signal
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._store import Store
+
+log = logging.getLogger("walspan")
+
+_stores: weakref.WeakSet[Store] = weakref.WeakSet()
+_installed = False
+_install_lock = threading.Lock()
+_local = threading.local()
+_pending_signals: list[int] = []
+HANDLED_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, n))
+_previous: dict[int, Any] = {}
+
+
+def register(store: Store) -> None:
+    _stores.add(store)
+
+
+def stores() -> list[Store]:
+    return list(_stores)
+
+
+# -- re-entrancy guard --------------------------------------------------------------------
+
+
+@contextmanager
+def busy() -> Iterator[None]:
+    """Mark this thread as inside a walspan call; run deferred signal work when it leaves."""
+    depth = getattr(_local, "depth", 0)
+    _local.depth = depth + 1
+    try:
+        yield
+    finally:
+        _local.depth = depth
+        if depth == 0 and _pending_signals and threading.current_thread() is threading.main_thread():
+            signum = _pending_signals.pop(0)
+            _on_signal(signum, None)
+
+
+def _is_busy() -> bool:
+    return getattr(_local, "depth", 0) > 0
+
+
+# -- installation -------------------------------------------------------------------------
+
+
+def install() -> None:
+    global _installed
+    with _install_lock:
+        if _installed:
+            return
+        _installed = True
+        previous_excepthook = sys.excepthook
+
+        def excepthook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+            _end_all(f"{exc_type.__name__}: {exc}", thread=None, error=exc)
+            previous_excepthook(exc_type, exc, tb)
+
+        sys.excepthook = excepthook
+        previous_threadhook = threading.excepthook
+
+        def threadhook(args: Any) -> None:
+            if args.exc_type is not SystemExit:
+                ident = args.thread.ident if args.thread is not None else None
+                _end_all(f"{args.exc_type.__name__}: {args.exc_value}", thread=ident, error=args.exc_value)
+            previous_threadhook(args)
+
+        threading.excepthook = threadhook
+        atexit.register(detach_all)
+        if threading.current_thread() is threading.main_thread():
+            for signum in HANDLED_SIGNALS:
+                try:
+                    prev = signal.getsignal(signum)
+                    if prev is signal.SIG_IGN or prev is None:
+                        continue  # ignored (or set from C): not ours to change
+                    _previous[signum] = prev
+                    signal.signal(signum, _on_signal)
+                except (ValueError, OSError):  # pragma: no cover - e.g. not the main interpreter
+                    pass
+        else:
+            log.debug("walspan: first writer attached outside the main thread; signal hooks not installed")
+
+
+def _end_all(message: str, thread: int | None, error: BaseException) -> None:
+    status = "crashed" if isinstance(error, KeyboardInterrupt) else "error"
+    for store in stores():
+        try:
+            store._end_attached(status, message, thread=thread)
+        except Exception:  # pragma: no cover - dying anyway; keep the original traceback visible
+            log.exception("walspan: could not record the uncaught exception in %s", store.directory)
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    if _is_busy():
+        _pending_signals.append(signum)  # finish the current walspan call first
+        return
+    name = signal.Signals(signum).name
+    for store in stores():
+        try:
+            store._end_attached("crashed", f"killed by {name}", thread=None)
+        except Exception:  # pragma: no cover
+            log.exception("walspan: could not record %s in %s", name, store.directory)
+    prev = _previous.get(signum, signal.SIG_DFL)
+    if callable(prev):
+        prev(signum, frame)
+    elif prev == signal.SIG_DFL:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+def detach_all() -> None:
+    for store in stores():
+        try:
+            store.close()
+        except Exception:  # pragma: no cover
+            log.exception("walspan: could not detach from %s at exit", store.directory)
+
+
+# -- fork ---------------------------------------------------------------------------------
+
+
+def _after_fork_in_child() -> None:
+    _local.__dict__.clear()
+    _pending_signals.clear()
+    for store in stores():
+        store._forget_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def register_exit_finalizer(fn: Callable[[], None]) -> None:
+    """multiprocessing children leave through os._exit, skipping atexit; its own finalizers
+    still run there, so a forked worker detaches too."""
+    mp_util = sys.modules.get("multiprocessing.util")
+    if mp_util is not None:
+        mp_util.Finalize(None, fn, exitpriority=10)

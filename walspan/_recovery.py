@@ -1,0 +1,147 @@
+"""Recovery: mark crashed the traces whose writers all died; record writers lost while others live.
+
+Safe at any time, from any process, concurrently with live writers and other recoveries: all
+decisions are taken under the session's append lock, from the WAL as it is then, and a writer
+counts as dead only when its liveness lock proves it (see _liveness). Idempotent: a crashed
+trace is terminal and a lost writer is no longer attached, so a second run changes nothing.
+Torn tails are repaired (under the lock, as any append would); corrupt WALs are reported and
+left untouched.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from . import _compactor, _liveness
+from ._format import RecordType, unpack_payload
+from ._wal import WalHandle
+from .errors import CorruptWALError
+
+if TYPE_CHECKING:
+    from ._store import Store
+
+_T = RecordType
+_WRITER_TYPES = frozenset({int(_T.WRITER_ATTACH), int(_T.WRITER_DETACH), int(_T.WRITER_LOST)})
+
+
+@dataclass
+class RecoveryAction:
+    session_id: str
+    action: str  # "crashed" | "writer_lost" | "repaired_tail" | "compacted"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.session_id}: {self.action}: {self.message}"
+
+
+@dataclass
+class RecoveryReport:
+    checked: int = 0
+    actions: list[RecoveryAction] = field(default_factory=list)
+    corrupt: list[CorruptWALError] = field(default_factory=list)
+
+    @property
+    def crashed(self) -> list[str]:
+        return [a.session_id for a in self.actions if a.action == "crashed"]
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.actions)
+
+
+def _fmt_ns(ns: int | None) -> str:
+    if not ns:
+        return "unknown"
+    return datetime.datetime.fromtimestamp(ns / 1e9, datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def recover(store: Store, session_ids: list[str] | None = None) -> RecoveryReport:
+    report = RecoveryReport()
+    ids = store.sessions() if session_ids is None else session_ids
+    for sid in ids:
+        report.checked += 1
+        try:
+            _recover_session(store, sid, report)
+        except CorruptWALError as exc:
+            report.corrupt.append(exc)
+    return report
+
+
+def _recover_session(store: Store, session_id: str, report: RecoveryReport) -> None:
+    from ._names import encode_session_id
+
+    stem = encode_session_id(session_id)
+    internal = store._internal
+    own = store._writer.writer_id if store._writer is not None and store._writer.pid == os.getpid() else None
+    handle = WalHandle(store.directory, stem, store.durability)
+    changed = False
+    end = 0
+    dead: list[tuple[str, dict[str, Any]]] = []
+    try:
+        size_before = os.fstat(handle.fd).st_size
+        with handle.locked() as wal:
+            if wal.end < size_before:
+                report.actions.append(
+                    RecoveryAction(session_id, "repaired_tail", f"truncated {size_before - wal.end} torn bytes at offset {wal.end}")
+                )
+                changed = True
+            if not wal.terminal_off:
+                attached: dict[str, dict[str, Any]] = {}
+                last_off = 0
+                for off, rtype, _seq, payload in wal.records(decode_types=_WRITER_TYPES):
+                    last_off = off
+                    if payload is None:
+                        continue
+                    p = unpack_payload(payload)
+                    if rtype == _T.WRITER_ATTACH:
+                        attached[p["writer"]] = p
+                    elif rtype == _T.WRITER_DETACH:
+                        attached.pop(p["writer"], None)
+                    else:
+                        attached.pop(p["lost"], None)
+                alive = []
+                for wid, p in attached.items():
+                    if wid == own or _liveness.writer_alive(internal, p):
+                        alive.append(wid)
+                    else:
+                        dead.append((wid, p))
+                if dead:
+                    last_time = _record_time(handle, last_off)
+                    names = ", ".join(f"{wid} (pid {p.get('pid')} on {p.get('host')})" for wid, p in dead)
+                    now = time.time_ns()
+                    if alive:
+                        for wid, p in dead:
+                            msg = f"writer {wid} (pid {p.get('pid')} on {p.get('host')}) died without detaching"
+                            wal.append(_T.WRITER_LOST, {"lost": wid, "message": msg, "time": now, "by": own or "recovery"})
+                            report.actions.append(RecoveryAction(session_id, "writer_lost", msg))
+                    else:
+                        msg = f"writer(s) {names} died without ending the trace; last record written at {_fmt_ns(last_time)}"
+                        wal.append(_T.TERMINAL, {"status": "crashed", "message": msg, "time": now, "by": own or "recovery"})
+                        report.actions.append(RecoveryAction(session_id, "crashed", msg))
+                    end = wal.end
+                    changed = True
+        if end and handle.durable:
+            handle.wait_durable(end)
+        for wid, _p in dead:
+            _liveness.remove_dead_lock_file(internal, wid)
+    finally:
+        handle.close()
+    json_path = os.path.join(store.directory, stem + ".json")
+    if changed or not os.path.exists(json_path):
+        _compactor.compact(store.directory, stem)
+
+
+def _record_time(handle: WalHandle, offset: int) -> int | None:
+    from ._format import RECORD_HEADER, RECORD_HEADER_SIZE
+
+    if not offset:
+        return None
+    head = os.pread(handle.fd, RECORD_HEADER_SIZE, offset)
+    _crc, length, _t, _f, _s = RECORD_HEADER.unpack_from(head, 0)
+    body = unpack_payload(os.pread(handle.fd, length, offset + RECORD_HEADER_SIZE))
+    t = body.get("time") if isinstance(body, dict) else None
+    return t if isinstance(t, int) else None

@@ -1,0 +1,417 @@
+"""Store: a directory of session WALs, the process's writer in it, and the descriptor LRU."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import _compactor, _fsutil, _hooks, _liveness
+from ._fold import TERMINAL_STATUSES
+from ._format import FILE_HEADER_SIZE, RecordType, encode_record, pack_payload, unpack_payload
+from ._names import check_session_id, decode_stem, encode_session_id
+from ._values import DEFAULT_MAX_VALUE_BYTES, clean_mapping
+from ._wal import WalHandle, check_durability, create_wal, internal_dir
+from .errors import DurabilityError, SessionNotFoundError, TraceClosedError
+
+if TYPE_CHECKING:
+    from ._recovery import RecoveryReport
+    from ._trace import Trace
+
+log = logging.getLogger("walspan")
+
+_T = RecordType
+_WRITER_TYPES = frozenset({int(_T.WRITER_ATTACH), int(_T.WRITER_DETACH), int(_T.WRITER_LOST)})
+
+
+class _Session:
+    """This process's view of one session: attachment and refcount (not the trace state)."""
+
+    __slots__ = ("session_id", "stem", "attached_pid", "refs", "failed", "threads", "trace_id")
+
+    def __init__(self, session_id: str, stem: str) -> None:
+        self.session_id = session_id
+        self.stem = stem
+        self.attached_pid = 0  # pid that wrote our attach record; 0: not attached
+        self.refs = 0
+        self.failed: DurabilityError | None = None
+        self.threads: set[int] = set()
+        self.trace_id = ""
+
+
+class Store:
+    """A directory of traces. Thread-safe; one instance per directory per process is plenty.
+
+    durability: "durable" (default) -- an append returns after write + fdatasync (shared between
+    concurrent writers); "process" -- after write only: survives the death of the process,
+    not power loss.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        durability: str = "durable",
+        install_hooks: bool = True,
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        max_open_files: int = 128,
+        create: bool = True,
+    ) -> None:
+        if not isinstance(directory, (str, os.PathLike)):
+            raise TypeError(f"directory must be a path, not {type(directory).__name__}")
+        self.durability = check_durability(durability)
+        if not isinstance(install_hooks, bool):
+            raise TypeError("install_hooks must be a bool")
+        for name, value, low in (("max_value_bytes", max_value_bytes, 64), ("max_open_files", max_open_files, 1)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+            if value < low:
+                raise ValueError(f"{name} must be at least {low}, not {value}")
+        self.install_hooks = install_hooks
+        self.max_value_bytes = max_value_bytes
+        self.max_open_files = max_open_files
+        path = os.path.abspath(os.fspath(directory))
+        if create:
+            _fsutil.ensure_dir(path)
+        elif not os.path.isdir(path):
+            raise FileNotFoundError(2, "trace directory does not exist", path)
+        self.directory = path
+        self._internal = internal_dir(path)
+        if create:
+            os.makedirs(self._internal, mode=_fsutil.DIR_MODE, exist_ok=True)
+        self._lock = threading.RLock()
+        self._sessions: dict[str, _Session] = {}
+        self._handles: OrderedDict[str, WalHandle] = OrderedDict()
+        self._handle_users: dict[int, int] = {}
+        self._evicted: set[int] = set()
+        self._writer: _liveness.ProcessWriter | None = None
+        _hooks.register(self)
+
+    def __repr__(self) -> str:
+        return f"walspan.Store({self.directory!r}, durability={self.durability!r})"
+
+    # -- paths ----------------------------------------------------------------------------
+
+    def wal_path(self, session_id: str) -> Path:
+        return Path(self.directory, encode_session_id(session_id) + ".wal")
+
+    def trace_path(self, session_id: str) -> Path:
+        return Path(self.directory, encode_session_id(session_id) + ".json")
+
+    def sessions(self) -> list[str]:
+        """Raw session ids of every WAL in the store, sorted."""
+        out = []
+        for name in os.listdir(self.directory):
+            if not name.endswith(".wal") or name.startswith("."):
+                continue
+            stem = name[:-4]
+            sid = decode_stem(stem)
+            if sid is not None and encode_session_id(sid) == stem:
+                out.append(sid)
+            elif "~" in stem:
+                sid = self._read_session_id(os.path.join(self.directory, name))
+                if sid is not None and encode_session_id(sid) == stem:
+                    out.append(sid)
+        return sorted(out)
+
+    def _read_session_id(self, wal_path: str) -> str | None:
+        try:
+            first = read_first_record(wal_path)
+        except (OSError, ValueError):
+            return None
+        sid = first.get("session_id")
+        return sid if isinstance(sid, str) else None
+
+    # -- the process writer ---------------------------------------------------------------
+
+    def _process_writer(self) -> _liveness.ProcessWriter:
+        with self._lock:
+            if self._writer is None or self._writer.pid != os.getpid():
+                if self.install_hooks:
+                    _hooks.install()
+                _hooks.register_exit_finalizer(_hooks.detach_all)
+                self._writer = _liveness.ProcessWriter(self._internal)
+            return self._writer
+
+    # -- handles (bounded LRU of open descriptors) ----------------------------------------
+
+    def _session(self, session_id: str) -> _Session:
+        with self._lock:
+            s = self._sessions.get(session_id)
+            if s is None:
+                s = self._sessions[session_id] = _Session(session_id, encode_session_id(session_id))
+            return s
+
+    def _acquire_handle(self, stem: str) -> WalHandle:
+        with self._lock:
+            h = self._handles.get(stem)
+            if h is not None:
+                self._handles.move_to_end(stem)
+            else:
+                h = WalHandle(self.directory, stem, self.durability)
+                self._handles[stem] = h
+                while len(self._handles) > self.max_open_files:
+                    _old_stem, old = self._handles.popitem(last=False)
+                    if self._handle_users.get(id(old), 0):
+                        self._evicted.add(id(old))  # closed when its last user releases it
+                    else:
+                        old.close()
+            self._handle_users[id(h)] = self._handle_users.get(id(h), 0) + 1
+            return h
+
+    def _release_handle(self, h: WalHandle) -> None:
+        with self._lock:
+            n = self._handle_users[id(h)] - 1
+            if n:
+                self._handle_users[id(h)] = n
+                return
+            del self._handle_users[id(h)]
+            if id(h) in self._evicted:
+                self._evicted.discard(id(h))
+                h.close()
+
+    # -- attaching ------------------------------------------------------------------------
+
+    def open(self, session_id: str, *, metadata: dict[str, Any] | None = None) -> Trace:
+        """Attach to a session: create its trace, or continue the existing one.
+
+        Raises TraceClosedError (writing nothing) if the trace already ended or crashed.
+        """
+        from ._trace import Trace
+
+        check_session_id(session_id)
+        meta = clean_mapping(metadata, "metadata", self.max_value_bytes)
+        session = self._session(session_id)
+        with _hooks.busy():
+            self._attach(session, meta)
+        with self._lock:
+            session.refs += 1
+            session.threads.add(threading.get_ident())
+        return Trace(self, session)
+
+    def _attach(self, session: _Session, metadata: dict[str, Any] | None) -> None:
+        writer = self._process_writer()
+        wal_path = os.path.join(self.directory, session.stem + ".wal")
+        created = False
+        if not os.path.exists(wal_path):
+            now = time.time_ns()
+            first = {
+                "trace_id": secrets.token_hex(16),
+                "session_id": session.session_id,
+                "metadata": metadata or {},
+                "time": now,
+                "writer": writer.writer_id,
+            }
+            salt = int.from_bytes(os.urandom(8), "little")
+            created = create_wal(wal_path, salt, encode_record(salt, _T.TRACE_START, 1, pack_payload(first)))
+        h = self._acquire_handle(session.stem)
+        try:
+            with h.locked() as wal:
+                if wal.terminal_off:
+                    info = h.terminal_info(wal.terminal_off)
+                    raise TraceClosedError(session.session_id, info.get("status", "?"), info.get("message"))
+                already = session.attached_pid == os.getpid()
+                if not already:
+                    self._mark_lost_writers(wal, writer.writer_id)
+                    payload = dict(writer.describe(), time=time.time_ns())
+                    _, end = wal.append(_T.WRITER_ATTACH, payload)
+                if metadata and not created:
+                    _, end = wal.append(_T.METADATA, {"writer": writer.writer_id, "metadata": metadata, "time": time.time_ns()})
+                    already = False
+                session.trace_id = read_first_record_fd(h.fd, h.path).get("trace_id", "")
+            if not already and h.durable:
+                h.wait_durable(end)
+            session.attached_pid = os.getpid()
+        finally:
+            self._release_handle(h)
+
+    def _mark_lost_writers(self, wal: Any, own_writer_id: str) -> list[dict[str, Any]]:
+        """Under the append lock: record every attached writer proven dead as lost."""
+        attached: dict[str, dict[str, Any]] = {}
+        for _off, rtype, _seq, payload in wal.records(decode_types=_WRITER_TYPES):
+            if payload is None:
+                continue
+            p = unpack_payload(payload)
+            if rtype == _T.WRITER_ATTACH:
+                attached[p["writer"]] = p
+            elif rtype == _T.WRITER_DETACH:
+                attached.pop(p["writer"], None)
+            else:
+                attached.pop(p["lost"], None)
+        lost = []
+        for wid, p in attached.items():
+            if wid == own_writer_id or _liveness.writer_alive(self._internal, p):
+                continue
+            msg = f"writer {wid} (pid {p.get('pid')} on {p.get('host')}) died without detaching"
+            wal.append(_T.WRITER_LOST, {"lost": wid, "message": msg, "time": time.time_ns(), "by": own_writer_id})
+            lost.append(p)
+        return lost
+
+    # -- appending ------------------------------------------------------------------------
+
+    def _append(self, session: _Session, rtype: int, payload: dict[str, Any]) -> int:
+        """Append one record for this process's writer; returns its sequence number."""
+        if session.failed is not None:
+            raise session.failed
+        with _hooks.busy():
+            if session.attached_pid != os.getpid():
+                self._attach(session, None)  # a fork child, or after close(): attach anew
+            writer = self._writer
+            assert writer is not None
+            payload["writer"] = writer.writer_id
+            h = self._acquire_handle(session.stem)
+            try:
+                seq, _end = h.append(rtype, payload, session.session_id)
+            except DurabilityError as exc:
+                if exc.op == "fdatasync":
+                    session.failed = exc
+                raise
+            finally:
+                self._release_handle(h)
+            return seq
+
+    def _terminate(self, session: _Session, status: str, message: str | None) -> Path:
+        if status not in TERMINAL_STATUSES:
+            raise ValueError(f"status must be one of {TERMINAL_STATUSES}, not {status!r}")
+        self._append(session, _T.TERMINAL, {"status": status, "message": message, "time": time.time_ns()})
+        path, _ = _compactor.compact(self.directory, session.stem)
+        with self._lock:
+            session.attached_pid = 0
+        return Path(path)
+
+    def _detach(self, session: _Session) -> None:
+        with self._lock:
+            session.refs = max(0, session.refs - 1)
+            if session.refs or session.attached_pid != os.getpid():
+                return
+            session.attached_pid = 0
+        writer = self._writer
+        if writer is None:
+            return
+        h = self._acquire_handle(session.stem)
+        try:
+            with _hooks.busy(), h.locked() as wal:
+                if wal.terminal_off:
+                    return  # ended: nothing may follow the terminal record, and nothing needs to
+                _, end = wal.append(_T.WRITER_DETACH, {"writer": writer.writer_id, "time": time.time_ns()})
+            if h.durable:
+                h.wait_durable(end)
+        finally:
+            self._release_handle(h)
+
+    def _end_attached(self, status: str, message: str, thread: int | None) -> None:
+        """Crash-hook entry: end every trace this process has attached (or one thread's)."""
+        with self._lock:
+            targets = [
+                s
+                for s in self._sessions.values()
+                if s.attached_pid == os.getpid() and (thread is None or thread in s.threads)
+            ]
+        for s in targets:
+            try:
+                self._terminate(s, status, message)
+            except TraceClosedError:
+                pass
+
+    # -- reading --------------------------------------------------------------------------
+
+    def _existing_stem(self, session_id: str) -> str:
+        stem = encode_session_id(session_id)
+        path = os.path.join(self.directory, stem + ".wal")
+        if not os.path.exists(path):
+            raise SessionNotFoundError(session_id, path)
+        return stem
+
+    def load(self, session_id: str) -> dict[str, Any]:
+        """The trace folded from the WAL's valid prefix now (same shape as the canonical JSON)."""
+        stem = self._existing_stem(session_id)
+        fold, _scan = _compactor.fold_wal(os.path.join(self.directory, stem + ".wal"))
+        return fold.to_dict()
+
+    def compact(self, session_id: str) -> Path:
+        """Bring the canonical JSON up to date with the WAL; returns its path."""
+        stem = self._existing_stem(session_id)
+        path, _ = _compactor.compact(self.directory, stem)
+        return Path(path)
+
+    def recover(self) -> RecoveryReport:
+        """Mark crashed every trace whose writers all died; see walspan._recovery."""
+        from ._recovery import recover
+
+        return recover(self)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Detach every trace this process attached through this store (none is ended), and
+        release descriptors. The traces stay open for later writers (idle, not crashed)."""
+        with self._lock:
+            sessions = [s for s in self._sessions.values() if s.attached_pid == os.getpid()]
+        for s in sessions:
+            with self._lock:
+                s.refs = 1
+            try:
+                self._detach(s)
+            except TraceClosedError:
+                pass
+        with self._lock:
+            for h in self._handles.values():
+                if not self._handle_users.get(id(h)):
+                    h.close()
+                else:
+                    self._evicted.add(id(h))
+            self._handles.clear()
+            if self._writer is not None and self._writer.pid == os.getpid():
+                self._writer.release()
+                self._writer = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _forget_after_fork(self) -> None:
+        """In a fork child: drop every descriptor and lock inherited from the parent, without
+        unlocking (the parent owns them); the child attaches as its own writer on first use."""
+        self._lock = threading.RLock()
+        for h in self._handles.values():
+            h.abandon()
+        self._handles.clear()
+        self._handle_users.clear()
+        self._evicted.clear()
+        for s in self._sessions.values():
+            s.attached_pid = 0
+            s.refs = 0
+            s.threads.clear()
+        if self._writer is not None:
+            self._writer.abandon()
+            self._writer = None
+
+
+def read_first_record_fd(fd: int, path: str) -> dict[str, Any]:
+    from ._format import RECORD_HEADER, RECORD_HEADER_SIZE
+
+    head = os.pread(fd, RECORD_HEADER_SIZE, FILE_HEADER_SIZE)
+    if len(head) < RECORD_HEADER_SIZE:
+        raise ValueError(f"{path}: no first record")
+    _crc, length, rtype, _f, _seq = RECORD_HEADER.unpack_from(head, 0)
+    if rtype != _T.TRACE_START or length > 1 << 24:
+        raise ValueError(f"{path}: first record is not a trace start")
+    body = unpack_payload(os.pread(fd, length, FILE_HEADER_SIZE + RECORD_HEADER_SIZE))
+    if not isinstance(body, dict):
+        raise ValueError(f"{path}: first record is not a map")
+    return body
+
+
+def read_first_record(path: str) -> dict[str, Any]:
+    fd = _fsutil.open_file(path, os.O_RDONLY)
+    try:
+        return read_first_record_fd(fd, path)
+    finally:
+        os.close(fd)

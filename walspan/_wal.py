@@ -1,0 +1,357 @@
+"""One session's WAL as seen by a writer: locked appends, torn-tail repair, group commit.
+
+Files, for a session whose name stem is S (docs/FORMAT.md, "Files"):
+
+    S.wal                 the log (header + records), append-only
+    .walspan/S.lock       flock'ed around every append: the append lock
+    .walspan/S.shm        64 bytes shared by every process through mmap (below); flock'ed by
+                          the one process running an fdatasync: the flush lock
+
+The shared state lets an append skip re-reading the log and lets writers share fdatasyncs:
+
+    0  magic          b"WSPSHM01"
+    8  salt           the salt of the WAL this state describes (else the state is ignored)
+    16 written_end    \\ offset after the last complete record,   | written together under the
+    24 last_seq        | its sequence number,                     | append lock; a crash
+    32 terminal_off    | offset of the terminal record or 0,      | between the stores leaves
+    40 state_crc      /  crc32 of bytes 8..40                     | a bad crc -> full rescan
+    48 durable_end    every byte below it has been fdatasync'ed  | written under the flush
+    56 durable_crc    crc32 of salt (8 bytes) + durable_end      / lock
+
+Readers that do not hold the lock copy a field group in one slice and check its crc, so a
+read racing a store is detected (and treated as "unknown"), never taken for a larger value.
+
+Group commit: after its write, an append needs its record durable. If durable_end already
+covers it, it returns at once. Otherwise it takes the flush lock (a thread lock, then flock),
+looks again, and if still needed reads written_end W, runs one fdatasync, and raises
+durable_end to W: every record that was complete before that fdatasync began is covered, so
+all writers that queued behind the flush return without a flush of their own. durable_end is
+only ever a record boundary, so a torn tail below it means damage to synced data, not a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from . import _fsutil, _locking
+from ._format import (
+    FILE_HEADER_SIZE,
+    RECORD_HEADER,
+    RECORD_HEADER_SIZE,
+    RecordType,
+    encode_file_header,
+    pack_payload,
+    record_crc,
+    unpack_payload,
+)
+from ._reader import ScanState, iter_records, read_header
+from .errors import CorruptWALError, DurabilityError, TraceClosedError
+
+log = logging.getLogger("walspan")
+
+SHM_SIZE = 64
+_SHM_MAGIC = b"WSPSHM01"
+_STATE = struct.Struct("<QQQQ")  # salt, written_end, last_seq, terminal_off
+_U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
+_STATE_CRC = struct.Struct("<QQQQI")
+_DURABLE = struct.Struct("<QI")
+_TERMINAL = int(RecordType.TERMINAL)
+_SLOW_FSYNC_NS = 1_000_000_000
+
+DURABLE = "durable"
+PROCESS = "process"
+DURABILITY_LEVELS = (DURABLE, PROCESS)
+
+
+def internal_dir(store_dir: str) -> str:
+    return os.path.join(store_dir, ".walspan")
+
+
+def create_wal(wal_path: str, salt: int, first_record: bytes) -> bool:
+    """Create a WAL holding its header and first record, atomically; False if it exists."""
+    return _fsutil.create_exclusive(wal_path, encode_file_header(salt) + first_record)
+
+
+class WalHandle:
+    """Open descriptors on one session's WAL, lock file and shared state, for one process.
+
+    Thread-safe. Not fork-safe by itself: the owner drops it in a forked child (see _process).
+    """
+
+    def __init__(self, store_dir: str, stem: str, durability: str) -> None:
+        self.stem = stem
+        self.path = os.path.join(store_dir, stem + ".wal")
+        self.durable = durability == DURABLE
+        self.pid = os.getpid()
+        self._mutex = threading.Lock()  # serialises this process's threads before the flock
+        self._flush_mutex = threading.Lock()
+        self._failed: DurabilityError | None = None
+        self._closed = False
+        self._fds: list[int] = []
+        try:
+            self.fd = self._open(self.path, os.O_RDWR)
+            self.salt = read_header(self.fd, self.path)
+            self._salt_crc = zlib.crc32(_U64.pack(self.salt))
+            idir = internal_dir(store_dir)
+            self._lock_fd = self._open(os.path.join(idir, stem + ".lock"), os.O_RDWR | os.O_CREAT)
+            self._shm_fd = self._open(os.path.join(idir, stem + ".shm"), os.O_RDWR | os.O_CREAT)
+            if os.fstat(self._shm_fd).st_size < SHM_SIZE:
+                os.ftruncate(self._shm_fd, SHM_SIZE)  # racing creators extend to the same zeros
+            self._shm = mmap.mmap(self._shm_fd, SHM_SIZE)
+        except BaseException:
+            self._close_fds()
+            raise
+
+    def _open(self, path: str, flags: int) -> int:
+        fd = _fsutil.open_file(path, flags)
+        self._fds.append(fd)
+        return fd
+
+    # -- shared state ---------------------------------------------------------------------
+
+    def _load_state(self, size: int) -> tuple[int, int, int] | None:
+        """(written_end, last_seq, terminal_off) if the shared state is trustworthy for `size`."""
+        shm = self._shm
+        if shm[0:8] != _SHM_MAGIC:
+            return None
+        salt, written_end, last_seq, terminal_off = _STATE.unpack_from(shm, 8)
+        if salt != self.salt or _U32.unpack_from(shm, 40)[0] != zlib.crc32(shm[8:40]):
+            return None
+        if not FILE_HEADER_SIZE <= written_end <= size:
+            return None
+        return written_end, last_seq, terminal_off
+
+    def _store_state(self, written_end: int, last_seq: int, terminal_off: int) -> None:
+        packed = _STATE.pack(self.salt, written_end, last_seq, terminal_off)
+        self._shm[8:44] = packed + _U32.pack(zlib.crc32(packed))
+        if self._shm[0:8] != _SHM_MAGIC:
+            self._shm[0:8] = _SHM_MAGIC
+
+    def _durable_end(self) -> int:
+        snap = self._shm[48:60]
+        value, crc = _DURABLE.unpack(snap)
+        if crc != zlib.crc32(snap[:8], self._salt_crc):
+            return 0  # never written for this WAL, or a read racing a store: unknown
+        return int(value)
+
+    def _set_durable_end(self, value: int) -> None:
+        packed = _U64.pack(value)
+        self._shm[48:60] = packed + _U32.pack(zlib.crc32(packed, self._salt_crc))
+
+    def _complete_end(self, fallback: int) -> int:
+        """written_end read without the append lock, or `fallback` if it cannot be trusted."""
+        snap = self._shm[8:44]
+        salt, written_end, _seq, _term, crc = _STATE_CRC.unpack(snap)
+        if salt != self.salt or crc != zlib.crc32(snap[:32]) or written_end < fallback:
+            return fallback
+        return int(written_end)
+
+    # -- the locked section ---------------------------------------------------------------
+
+    @contextmanager
+    def locked(self) -> Iterator[LockedWal]:
+        """Hold the append lock; yield a view with the current end of the log and `append`."""
+        if self._failed is not None:
+            raise self._failed
+        if self._closed:
+            raise ValueError(f"WAL handle for {self.path} is closed")
+        with self._mutex:
+            _locking.lock(self._lock_fd)
+            try:
+                yield LockedWal(self, *self._sync_locked())
+            finally:
+                _locking.unlock(self._lock_fd)
+
+    def _sync_locked(self) -> tuple[int, int, int]:
+        """Under the lock: find the end of the valid log, repairing a torn tail."""
+        size = os.fstat(self.fd).st_size
+        state = self._load_state(size)
+        if state is not None and state[0] == size:
+            return state
+        if state is None:
+            start, start_seq, terminal_off = FILE_HEADER_SIZE, 0, 0
+        else:
+            start, start_seq, terminal_off = state
+        scan = ScanState(self.path)
+        for offset, rtype, _seq, _payload in iter_records(
+            self.fd, scan, start=start, start_seq=start_seq, salt=self.salt, decode_types=frozenset()
+        ):
+            if rtype == _TERMINAL and not terminal_off:
+                terminal_off = offset
+        if scan.torn_offset is not None:
+            self._repair_locked(scan)
+        self._store_state(scan.end, scan.last_seq, terminal_off)
+        return scan.end, scan.last_seq, terminal_off
+
+    def _repair_locked(self, scan: ScanState) -> None:
+        """Truncate a torn tail (a writer died mid-write), durably, under the append lock."""
+        torn = scan.torn_offset
+        assert torn is not None
+        if torn < self._durable_end():
+            raise CorruptWALError(
+                self.path, torn, f"{scan.torn_reason} inside the region already made durable; not truncating"
+            )
+        log.warning(
+            "walspan: %s: truncating torn tail of %d bytes at offset %d (%s)",
+            self.path,
+            scan.torn_bytes,
+            torn,
+            scan.torn_reason,
+        )
+        os.ftruncate(self.fd, torn)
+        self._flush(torn, force=True)
+        # durable_end may have counted torn bytes that are gone now: pull it back
+        with self._flush_mutex:
+            _locking.lock(self._shm_fd)
+            try:
+                if self._durable_end() > torn:
+                    self._set_durable_end(torn)
+            finally:
+                _locking.unlock(self._shm_fd)
+
+    def terminal_info(self, terminal_off: int) -> dict[str, Any]:
+        header = os.pread(self.fd, RECORD_HEADER_SIZE, terminal_off)
+        _crc, length, _t, _f, _s = RECORD_HEADER.unpack_from(header, 0)
+        return unpack_payload(os.pread(self.fd, length, terminal_off + RECORD_HEADER_SIZE))  # type: ignore[no-any-return]
+
+    # -- appends --------------------------------------------------------------------------
+
+    def append(self, rtype: int, payload: dict[str, Any], session_id: str) -> tuple[int, int]:
+        """Append one record; return (seq, end offset) once it is acknowledged."""
+        body = pack_payload(payload)
+        with self.locked() as wal:
+            if wal.terminal_off:
+                info = self.terminal_info(wal.terminal_off)
+                raise TraceClosedError(session_id, info.get("status", "?"), info.get("message"))
+            seq, end = wal.append_packed(rtype, body)
+        if self.durable:
+            self.wait_durable(end)
+        return seq, end
+
+    def wait_durable(self, end: int) -> None:
+        if self._durable_end() >= end:
+            return
+        self._flush(end)
+
+    def _flush(self, end: int, force: bool = False) -> None:
+        with self._flush_mutex:
+            if self._failed is not None:
+                raise self._failed
+            if not force and self._durable_end() >= end:
+                return
+            _locking.lock(self._shm_fd)
+            try:
+                if not force and self._durable_end() >= end:
+                    return
+                target = self._complete_end(end)
+                t0 = time.monotonic_ns()
+                try:
+                    _fsutil.sync_data(self.fd, self.path)
+                except OSError as exc:
+                    # Never retry-and-acknowledge: after a failed fdatasync the kernel may have
+                    # dropped the dirty pages and a second call can "succeed" without them.
+                    self._failed = DurabilityError(self.path, "fdatasync", exc)
+                    raise self._failed from exc
+                took = time.monotonic_ns() - t0
+                if took > _SLOW_FSYNC_NS:
+                    log.warning("walspan: slow fdatasync on %s: %.1f ms", self.path, took / 1e6)
+                if self._durable_end() < target:
+                    self._set_durable_end(target)
+            finally:
+                _locking.unlock(self._shm_fd)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._mutex:
+            if self._closed:
+                return
+            self._closed = True
+            self._close_fds()
+
+    def _close_fds(self) -> None:
+        shm = getattr(self, "_shm", None)
+        if shm is not None:
+            try:
+                shm.close()
+            except (BufferError, ValueError):  # pragma: no cover
+                pass
+        for fd in self._fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds = []
+
+    def abandon(self) -> None:
+        """In a fork child: forget the descriptors without unlocking anything (the parent
+        still owns the flocks through the shared open file descriptions)."""
+        self._closed = True
+        self._mutex = threading.Lock()
+        self._flush_mutex = threading.Lock()
+        self._close_fds()
+
+
+class LockedWal:
+    """The log while its append lock is held: its valid end, and appends at that end."""
+
+    __slots__ = ("_h", "end", "last_seq", "terminal_off")
+
+    def __init__(self, handle: WalHandle, end: int, last_seq: int, terminal_off: int) -> None:
+        self._h = handle
+        self.end = end
+        self.last_seq = last_seq
+        self.terminal_off = terminal_off
+
+    def append_packed(self, rtype: int, body: bytes) -> tuple[int, int]:
+        h = self._h
+        seq = self.last_seq + 1
+        frame = (
+            RECORD_HEADER.pack(record_crc(h.salt, rtype, 0, seq, len(body), body), len(body), rtype, 0, seq) + body
+        )
+        offset = self.end
+        try:
+            _fsutil.write_all(h.fd, frame, offset, h.path)
+        except OSError as exc:
+            try:  # leave no partial record behind; if this fails too, the next append repairs
+                os.ftruncate(h.fd, offset)
+            except OSError:
+                pass
+            raise DurabilityError(h.path, "write", exc) from exc
+        end = offset + len(frame)
+        if rtype == _TERMINAL:
+            self.terminal_off = offset
+        self.end = end
+        self.last_seq = seq
+        h._store_state(end, seq, self.terminal_off)
+        return seq, end
+
+    def append(self, rtype: int, payload: dict[str, Any]) -> tuple[int, int]:
+        return self.append_packed(rtype, pack_payload(payload))
+
+    def records(self, decode_types: frozenset[int] | None = None) -> Iterator[tuple[int, int, int, bytes | None]]:
+        """Iterate the valid log from the start up to `end` (under the lock: nothing moves)."""
+        scan = ScanState(self._h.path)
+        for rec in iter_records(self._h.fd, scan, salt=self._h.salt, decode_types=decode_types):
+            if rec[0] >= self.end:
+                break
+            yield rec
+
+
+def check_durability(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"durability must be a str, one of {DURABILITY_LEVELS}, not {type(value).__name__}")
+    if value not in DURABILITY_LEVELS:
+        raise ValueError(f"durability must be one of {DURABILITY_LEVELS}, not {value!r}")
+    return value
+
