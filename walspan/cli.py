@@ -1,0 +1,240 @@
+"""The `walspan` command line. A user's mistake gets one clear line on stderr and a non-zero
+exit code (2 for bad usage, 1 for a failed check or a bad file), never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import __version__
+from ._names import encode_session_id
+from ._store import Store
+from ._verify import verify_dir
+from .errors import WalspanError
+
+
+class UsageError(Exception):
+    """A bad argument, reported as one line with exit code 2."""
+
+
+def _existing_dir(path: str) -> str:
+    if not os.path.exists(path):
+        raise UsageError(f"no such directory: {path}")
+    if not os.path.isdir(path):
+        raise UsageError(f"not a directory: {path}")
+    return path
+
+
+def _store(path: str) -> Store:
+    return Store(_existing_dir(path), install_hooks=False, create=False)
+
+
+def _fmt_time(ns: int | None) -> str:
+    if not ns:
+        return "-"
+    return datetime.datetime.fromtimestamp(ns / 1e9).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _fmt_duration(start: int | None, end: int | None) -> str:
+    if not start or not end:
+        return "open"
+    ms = (end - start) / 1e6
+    return f"{ms:.1f} ms" if ms < 1000 else f"{ms / 1000:.2f} s"
+
+
+# -- commands -------------------------------------------------------------------------------
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    store = _store(args.dir)
+    rows = []
+    for sid in store.sessions():
+        try:
+            t = store.load(sid)
+        except WalspanError as exc:
+            rows.append((sid, "CORRUPT", "-", "-", str(exc)))
+            continue
+        rows.append((sid, t["status"], str(len(t["spans"])), _fmt_time(t["start_time"]), t["trace_id"]))
+    if args.json:
+        print(json.dumps([dict(zip(("session_id", "status", "spans", "started", "trace_id"), r)) for r in rows]))
+        return 0
+    if not rows:
+        print(f"no traces in {args.dir}")
+        return 0
+    widths = [max(len(r[i]) for r in rows + [("SESSION", "STATUS", "SPANS", "STARTED", "TRACE")]) for i in range(4)]
+    header = ("SESSION", "STATUS", "SPANS", "STARTED", "TRACE")
+    for r in [header, *rows]:
+        print("  ".join(c.ljust(widths[i]) for i, c in enumerate(r[:4])) + "  " + r[4])
+    return 1 if any(r[1] == "CORRUPT" for r in rows) else 0
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    store = _store(args.dir)
+    t = store.load(args.session)
+    if args.json:
+        print(json.dumps(t, ensure_ascii=False, indent=2, sort_keys=True))
+        return 0
+    print(f"session   {t['session_id']}")
+    print(f"trace     {t['trace_id']}")
+    status = t["status"] + (f" ({t['status_message']})" if t["status_message"] else "")
+    print(f"status    {status}")
+    print(f"started   {_fmt_time(t['start_time'])}   duration {_fmt_duration(t['start_time'], t['end_time'])}")
+    for k, v in sorted(t["metadata"].items()):
+        print(f"  {k} = {_short(v)}")
+    print(f"writers   {len(t['writers'])}: " + ", ".join(f"{w['writer_id']} pid {w['pid']} {w['state']}" for w in t["writers"]))
+    spans = t["spans"]
+    children: dict[str | None, list[dict[str, Any]]] = {}
+    ids = {s["span_id"] for s in spans}
+    for s in spans:
+        parent = s["parent_span_id"] if s["parent_span_id"] in ids else None
+        children.setdefault(parent, []).append(s)
+    print(f"spans     {len(spans)}")
+
+    def walk(parent: str | None, prefix: str) -> None:
+        kids = children.get(parent, [])
+        for i, s in enumerate(kids):
+            last = i == len(kids) - 1
+            branch = "└─ " if last else "├─ "
+            line = f"{prefix}{branch}{s['name']} [{s['kind']}] {s['status']} {_fmt_duration(s['start_time'], s['end_time'])}"
+            if s["status_message"]:
+                line += f" ({_short(s['status_message'], 40)})"
+            if s["parent_span_id"] and s["parent_span_id"] not in ids:
+                line += f" (parent {s['parent_span_id']} not in trace)"
+            print(line)
+            inner = prefix + ("   " if last else "│  ")
+            if args.verbose:
+                for k, v in sorted(s["attributes"].items()):
+                    print(f"{inner}  · {k} = {_short(v)}")
+                for e in s["events"]:
+                    print(f"{inner}  ! {e['name']} {_short(e['attributes'])}")
+                if s["input"] is not None:
+                    print(f"{inner}  > {_short(s['input'])}")
+                if s["output"] is not None:
+                    print(f"{inner}  < {_short(s['output'])}")
+            walk(s["span_id"], inner)
+
+    walk(None, "")
+    return 0
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    store = _store(args.dir)
+    sessions = [args.session] if args.session is not None else store.sessions()
+    failed = 0
+    for sid in sessions:
+        try:
+            print(store.compact(sid))
+        except WalspanError as exc:
+            print(f"walspan: {exc}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    report = verify_dir(_existing_dir(args.dir))
+    for f in report.files:
+        for e in f.errors:
+            print(f"ERROR {e}")
+        if args.verbose or not f.ok:
+            for n in f.notes:
+                print(f"note  {n}")
+        if args.verbose and f.ok:
+            print(f"ok    {f.wal}: {f.records} records, {f.valid_end} bytes, status {f.status}")
+    bad = sum(1 for f in report.files if not f.ok)
+    print(f"{len(report.files)} WAL(s) checked, {bad} with errors")
+    return 1 if bad else 0
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    store = _store(args.dir)
+    report = store.recover()
+    for action in report.actions:
+        print(action)
+    for exc in report.corrupt:
+        print(f"CORRUPT {exc}")
+    print(f"{report.checked} session(s) checked, {len(report.actions)} change(s), {len(report.corrupt)} corrupt")
+    return 1 if report.corrupt else 0
+
+
+# -- entry point ----------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="walspan", description="Crash-resilient write-ahead logging for tracing spans.")
+    p.add_argument("--version", action="version", version=f"walspan {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    s = sub.add_parser("ls", help="list the traces in a directory")
+    s.add_argument("dir")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_ls)
+
+    s = sub.add_parser("show", help="show one trace as a span tree")
+    s.add_argument("dir")
+    s.add_argument("session")
+    s.add_argument("-v", "--verbose", action="store_true", help="attributes, events, input and output too")
+    s.add_argument("--json", action="store_true", help="the folded trace as JSON")
+    s.set_defaults(func=cmd_show)
+
+    s = sub.add_parser("compact", help="write the canonical JSON of one or every trace")
+    s.add_argument("dir")
+    s.add_argument("session", nargs="?")
+    s.set_defaults(func=cmd_compact)
+
+    s = sub.add_parser("verify", help="check every WAL and JSON; exit 1 on corruption")
+    s.add_argument("dir")
+    s.add_argument("-v", "--verbose", action="store_true")
+    s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("recover", help="mark crashed the traces whose writers all died")
+    s.add_argument("dir")
+    s.set_defaults(func=cmd_recover)
+
+    try:
+        from ._stress import register as register_stress
+    except ImportError:  # pragma: no cover - only while the stress module is being written
+        register_stress = None
+    if register_stress is not None:
+        register_stress(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        func: Callable[[argparse.Namespace], int] = args.func
+        return func(args)
+    except UsageError as exc:
+        print(f"walspan: error: {exc}", file=sys.stderr)
+        return 2
+    except (WalspanError, LookupError, ValueError) as exc:
+        print(f"walspan: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"walspan: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("walspan: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
