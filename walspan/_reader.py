@@ -104,12 +104,15 @@ def iter_records(
                 pos += i
                 i = 0
                 continue
-            if avail:
-                _torn_or_corrupt(fd, state, pos + i, "partial record header at end of file", last_seq)
+            if avail and _torn_or_corrupt(fd, state, pos + i, "partial record header at end of file", last_seq):
+                buf, pos, i = b"", pos + i, 0
+                continue
             break
         crc, length, rtype, flags, seq = unpack_hdr(buf, i)
         if length > MAX_RECORD_PAYLOAD:
-            _torn_or_corrupt(fd, state, pos + i, f"record length {length} exceeds the limit", last_seq)
+            if _torn_or_corrupt(fd, state, pos + i, f"record length {length} exceeds the limit", last_seq):
+                buf, pos, i = b"", pos + i, 0
+                continue
             break
         need = RECORD_HEADER_SIZE + length
         if avail < need:
@@ -119,12 +122,16 @@ def iter_records(
                 pos += i
                 i = 0
                 continue
-            _torn_or_corrupt(fd, state, pos + i, f"record of {need} bytes cut short at end of file", last_seq)
+            if _torn_or_corrupt(fd, state, pos + i, f"record of {need} bytes cut short at end of file", last_seq):
+                buf, pos, i = b"", pos + i, 0
+                continue
             break
         body_start = i + RECORD_HEADER_SIZE
         payload = buf[body_start : body_start + length]
         if crc32(payload, crc32(pack_crc(length, rtype, flags, seq), seed)) != crc:
-            _torn_or_corrupt(fd, state, pos + i, "checksum mismatch", last_seq)
+            if _torn_or_corrupt(fd, state, pos + i, "checksum mismatch", last_seq):
+                buf, pos, i = b"", pos + i, 0
+                continue
             break
         offset = pos + i
         if seq != last_seq + 1:
@@ -146,16 +153,35 @@ def iter_records(
     state.file_size = max(size, state.end + state.torn_bytes)
 
 
-def _torn_or_corrupt(fd: int, state: ScanState, offset: int, reason: str, last_seq: int) -> None:
-    """Decide whether bad bytes at `offset` are a torn tail or corruption (see module doc)."""
+def _torn_or_corrupt(fd: int, state: ScanState, offset: int, reason: str, last_seq: int) -> bool:
+    """Decide whether bad bytes at `offset` are a torn tail or corruption (see module doc).
+
+    Returns True if the record at `offset` has become valid since it was read: a lock-free
+    reader raced an append in progress, and must re-read from `offset` instead of judging.
+    """
     found = find_valid_record_after(fd, offset + 1, state.salt, last_seq)
     if found is not None:
+        if _valid_at(fd, offset, state.salt, last_seq):
+            return True
         raise CorruptWALError(
             state.path, offset, f"{reason}, followed by a valid record (seq {found[1]}) at offset {found[0]}"
         )
     state.file_size = max(state.file_size, os.fstat(fd).st_size)
     state.torn_offset = offset
     state.torn_reason = reason
+    return False
+
+
+def _valid_at(fd: int, offset: int, salt: int, last_seq: int) -> bool:
+    head = os.pread(fd, RECORD_HEADER_SIZE, offset)
+    if len(head) < RECORD_HEADER_SIZE:
+        return False
+    crc, length, rtype, flags, seq = _HDR.unpack_from(head, 0)
+    if seq != last_seq + 1 or length > MAX_RECORD_PAYLOAD:
+        return False
+    body = os.pread(fd, length, offset + RECORD_HEADER_SIZE)
+    seed = zlib.crc32(_CRC_PART.pack(length, rtype, flags, seq), salt & 0xFFFFFFFF)
+    return len(body) == length and zlib.crc32(body, seed) == crc
 
 
 def find_valid_record_after(fd: int, start: int, salt: int, last_seq: int) -> tuple[int, int] | None:
