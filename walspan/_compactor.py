@@ -88,6 +88,9 @@ def compact(store_dir: str, stem: str) -> tuple[str, bool]:
     """Bring S.json up to the WAL's valid end. Returns (json path, whether it was rewritten)."""
     wal_path = os.path.join(store_dir, stem + ".wal")
     json_path = os.path.join(store_dir, stem + ".json")
+    if not os.path.exists(wal_path):
+        raise FileNotFoundError(2, "no WAL", wal_path)
+    os.makedirs(internal_dir(store_dir), mode=_fsutil.DIR_MODE, exist_ok=True)
     lock_fd = _fsutil.open_file(os.path.join(internal_dir(store_dir), stem + ".compact"), os.O_RDWR | os.O_CREAT)
     try:
         _locking.lock(lock_fd)

@@ -103,6 +103,7 @@ class WalHandle:
             self.salt = read_header(self.fd, self.path)
             self._salt_crc = zlib.crc32(_U64.pack(self.salt))
             idir = internal_dir(store_dir)
+            os.makedirs(idir, mode=_fsutil.DIR_MODE, exist_ok=True)  # e.g. WALs copied without it
             self._lock_fd = self._open(os.path.join(idir, stem + ".lock"), os.O_RDWR | os.O_CREAT)
             self._shm_fd = self._open(os.path.join(idir, stem + ".shm"), os.O_RDWR | os.O_CREAT)
             if os.fstat(self._shm_fd).st_size < SHM_SIZE:
