@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _compactor, _fsutil, _hooks, _liveness
 from ._fold import TERMINAL_STATUSES
-from ._format import FILE_HEADER_SIZE, RecordType, encode_record, pack_payload, unpack_payload
+from ._format import RecordType, encode_record, pack_payload, unpack_payload
 from ._names import check_session_id, decode_stem, encode_session_id
 from ._values import DEFAULT_MAX_VALUE_BYTES, clean_mapping
 from ._wal import WalHandle, check_durability, create_wal, internal_dir
@@ -395,18 +395,17 @@ class Store:
 
 
 def read_first_record_fd(fd: int, path: str) -> dict[str, Any]:
-    from ._format import RECORD_HEADER, RECORD_HEADER_SIZE
+    """The TRACE_START payload (record 1), checked like any record (header, crc, seq)."""
+    from ._reader import ScanState, iter_records
 
-    head = os.pread(fd, RECORD_HEADER_SIZE, FILE_HEADER_SIZE)
-    if len(head) < RECORD_HEADER_SIZE:
-        raise ValueError(f"{path}: no first record")
-    _crc, length, rtype, _f, _seq = RECORD_HEADER.unpack_from(head, 0)
-    if rtype != _T.TRACE_START or length > 1 << 24:
-        raise ValueError(f"{path}: first record is not a trace start")
-    body = unpack_payload(os.pread(fd, length, FILE_HEADER_SIZE + RECORD_HEADER_SIZE))
-    if not isinstance(body, dict):
-        raise ValueError(f"{path}: first record is not a map")
-    return body
+    for _off, rtype, _seq, payload in iter_records(fd, ScanState(path)):
+        if rtype != _T.TRACE_START or payload is None:
+            break
+        body = unpack_payload(payload)
+        if isinstance(body, dict):
+            return body
+        break
+    raise ValueError(f"{path}: the first record is not a valid trace start")
 
 
 def read_first_record(path: str) -> dict[str, Any]:
