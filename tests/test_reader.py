@@ -213,3 +213,178 @@ def test_resume_scan_from_known_boundary(tmp_path: Path) -> None:
             list(_reader.iter_records(fd, _reader.ScanState(str(p)), start=offs[1][0], start_seq=5))
     finally:
         os.close(fd)
+
+
+# -- through the public API: torn tails at every offset, bit flips, garbage sectors ------------
+
+import shutil  # noqa: E402
+
+import walspan  # noqa: E402
+from walfiles import copy_wal_alone  # noqa: E402
+from walspan import _compactor, _verify  # noqa: E402
+
+SID = "ses/torn:1"
+
+
+def _real_wal(directory: Path, durability: str = "process") -> Path:
+    """A small multi-record WAL written through the public API (spans, attributes, events,
+    metadata, a large input), left open (closed, not ended)."""
+    s = walspan.Store(directory, durability=durability, install_hooks=False)
+    t = s.open(SID, metadata={"title": "torn"})
+    with t.span("bash", kind="tool", attributes={"cmd": "ls", "n": [1, 2.5, None]}, input="i" * 700) as sp:
+        sp.set_attributes({"exit_code": 0})
+        sp.add_event("stdout", {"bytes": 120})
+    g = t.start_span("llm", kind="generation", parent=None)
+    t.set_metadata(prompt="hello")
+    g.end(status="ok", output="o" * 200)
+    t.start_span("left-open", kind="tool")
+    t.close()
+    s.close()
+    return Path(s.wal_path(SID))
+
+
+def _fold_upto(wal: Path, end: int) -> dict:
+    fold, _ = _compactor.fold_wal(str(wal), upto=end)
+    return fold.to_dict()
+
+
+def test_torn_tail_at_every_offset(tmp_path: Path) -> None:
+    """Invariant 2: truncating a real WAL at EVERY byte offset (a crash mid-write) never makes
+    load() raise once the first record is complete; it returns exactly the fold of the records
+    that are whole (a prefix of the full trace); and open() + a new span then repairs the file
+    (torn bytes gone, verify clean) and appends after the surviving prefix.
+
+    Below the end of the first record (the trace start, written atomically with the file, so
+    never legitimately torn) the file is corrupt: load() and open() raise CorruptWALError and
+    the file is left untouched."""
+    wal = _real_wal(tmp_path / "src")
+    data = wal.read_bytes()
+    recs = record_offsets(wal)
+    first_end = recs[0][1]
+    full = walspan.Store(tmp_path / "src", install_hooks=False).load(SID)
+    full_ids = [s["span_id"] for s in full["spans"]]
+    assert len(recs) >= 10 and len(full_ids) == 3
+    expected_by_k = {k: _fold_upto(wal, recs[k][0]) for k in range(1, len(recs))}
+    expected_by_k[len(recs)] = full
+    ends = [r[1] for r in recs]
+    for n in range(0, len(data) + 1):
+        d = tmp_path / f"at{n}"
+        w = copy_wal_alone(wal, d, n)
+        s = walspan.Store(d, durability="process", install_hooks=False)
+        try:
+            if n < first_end:
+                with pytest.raises(CorruptWALError):
+                    s.load(SID)
+                with pytest.raises(CorruptWALError):
+                    s.open(SID)
+                assert w.read_bytes() == data[:n], n
+                continue
+            k = sum(1 for e in ends if e <= n)  # records wholly inside the prefix
+            got = s.load(SID)
+            assert got == expected_by_k[k], n
+            assert [x["span_id"] for x in got["spans"]] == full_ids[: len(got["spans"])]
+            t = s.open(SID)
+            t.start_span("after", parent=None).end()
+            t.close()
+            after = record_offsets(w)
+            assert [r[:3] for r in after[:k]] == [r[:3] for r in recs[:k]], n
+            assert w.read_bytes()[: ends[k - 1]] == data[: ends[k - 1]]
+            names = [x["name"] for x in s.load(SID)["spans"]]
+            assert names == [x["name"] for x in got["spans"]] + ["after"], n
+            report = _verify.verify_dir(str(d))
+            assert report.ok and report.files[0].torn_bytes == 0, (n, report.errors)
+        finally:
+            s.close()
+            shutil.rmtree(d)
+
+
+def test_flip_before_last_record_never_alters_a_span(tmp_path: Path) -> None:
+    """Invariant 2: flipping any single byte of any record before the last makes load() raise
+    CorruptWALError naming the file: it never returns an altered (or shortened) trace."""
+    wal = _real_wal(tmp_path / "src")
+    recs = record_offsets(wal)
+    pristine = wal.read_bytes()
+    s = walspan.Store(tmp_path / "src", install_hooks=False)
+    full = s.load(SID)
+    for off in range(0, recs[-1][0]):
+        flip_byte(wal, off, 0x01 if off % 2 else 0x80)
+        try:
+            if 28 <= off < FILE_HEADER_SIZE:
+                # the header's last 4 bytes are reserved and outside the header crc: ignored
+                assert s.load(SID) == full
+                continue
+            with pytest.raises(CorruptWALError) as ei:
+                s.load(SID)
+            assert str(wal) in str(ei.value)
+        finally:
+            wal.write_bytes(pristine)
+    s.close()
+
+
+def test_flip_in_non_durable_last_record_is_a_torn_tail(tmp_path: Path) -> None:
+    """A damaged last record of a WAL written with durability="process" (never fdatasync'ed)
+    is a torn tail: load() returns the trace without it, the next append truncates it."""
+    wal = _real_wal(tmp_path / "src", durability="process")
+    recs = record_offsets(wal)
+    expected = _fold_upto(wal, recs[-1][0])
+    flip_byte(wal, recs[-1][0] + RECORD_HEADER_SIZE + 1)
+    s = walspan.Store(tmp_path / "src", durability="process", install_hooks=False)
+    assert s.load(SID) == expected
+    t = s.open(SID)
+    t.close()
+    assert record_offsets(wal)[len(recs) - 1][:3] != recs[-1][:3]  # the damaged record is gone
+    assert _verify.verify_dir(str(tmp_path / "src")).ok
+    s.close()
+
+
+def test_flip_in_durable_last_record_is_corruption_at_append_time(tmp_path: Path) -> None:
+    """A damaged last record inside the region already made durable (fdatasync'ed) is not a
+    torn write: attaching (the next append) raises CorruptWALError and writes nothing; the
+    WAL is never truncated to 'repair' it (invariant 2)."""
+    wal = _real_wal(tmp_path / "src", durability="durable")
+    recs = record_offsets(wal)
+    flip_byte(wal, recs[-1][0] + RECORD_HEADER_SIZE + 1)
+    damaged = wal.read_bytes()
+    s = walspan.Store(tmp_path / "src", install_hooks=False)
+    with pytest.raises(CorruptWALError) as ei:
+        s.open(SID)
+    assert ei.value.offset == recs[-1][0]
+    assert wal.read_bytes() == damaged
+    s.close()
+
+
+def test_durable_region_cut_short_is_corruption_at_append_time(tmp_path: Path) -> None:
+    """A durable WAL that lost bytes below its durable end (file cut short after fdatasync)
+    is corruption: the next append raises CorruptWALError and does not truncate."""
+    s = walspan.Store(tmp_path, install_hooks=False)
+    t = s.open(SID)
+    t.start_span("a").end()
+    wal = Path(s.wal_path(SID))
+    truncate(wal, wal.stat().st_size - 3)
+    cut = wal.read_bytes()
+    with pytest.raises(CorruptWALError, match="durable"):
+        t.start_span("b")
+    assert wal.read_bytes() == cut
+    with pytest.raises(CorruptWALError):  # detaching is an append too: refused the same way
+        s.close()
+    assert wal.read_bytes() == cut
+
+
+@pytest.mark.parametrize("fill", [b"\x00", b"\xa5", None])
+def test_garbage_sectors_at_end_through_the_api(tmp_path: Path, fill: bytes | None) -> None:
+    """Whole 512-byte sectors of zeros or garbage after the last record (power loss while the
+    file grew) are a torn tail: load() ignores them, the next append truncates them."""
+    wal = _real_wal(tmp_path / "src")
+    before = wal.read_bytes()
+    full = walspan.Store(tmp_path / "src", install_hooks=False).load(SID)
+    d = tmp_path / "copy"
+    w = copy_wal_alone(wal, d)
+    junk = os.urandom(1024) if fill is None else fill * 1024
+    with open(w, "ab") as f:
+        f.write(junk)
+    s = walspan.Store(d, durability="process", install_hooks=False)
+    assert s.load(SID) == full
+    s.open(SID).close()
+    assert w.read_bytes()[: len(before)] == before
+    assert _verify.verify_dir(str(d)).ok and _verify.verify_dir(str(d)).files[0].torn_bytes == 0
+    s.close()

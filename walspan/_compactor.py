@@ -68,6 +68,10 @@ def _fold_from(fd: int, path: str, salt: int, fold: TraceFold, upto: int | None)
             raise CorruptWALError(path, offset, f"record of type {rtype} is malformed: {exc!r}") from None
         end, seq = scan.end, rseq
     fold.offset, fold.seq = (scan.end, scan.last_seq) if upto is None else (end, seq)
+    if fold.trace_id is None:
+        # The trace start is written atomically with the file (create_wal), so a WAL without a
+        # whole one was damaged, not torn by a crash: never fold it into an anonymous trace.
+        raise CorruptWALError(path, FILE_HEADER_SIZE, "no trace start record")
     return fold, scan
 
 

@@ -189,6 +189,9 @@ class WalHandle:
         ):
             if rtype == _TERMINAL and not terminal_off:
                 terminal_off = offset
+        if scan.end == FILE_HEADER_SIZE:
+            # The trace start is written with the file (create_wal): its loss is damage, not a tear.
+            raise CorruptWALError(self.path, FILE_HEADER_SIZE, "no trace start record; not repairing")
         if scan.torn_offset is not None:
             self._repair_locked(scan)
         self._store_state(scan.end, scan.last_seq, terminal_off)
