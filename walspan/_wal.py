@@ -345,11 +345,20 @@ class LockedWal:
 
     def records(self, decode_types: frozenset[int] | None = None) -> Iterator[tuple[int, int, int, bytes | None]]:
         """Iterate the valid log from the start up to `end` (under the lock: nothing moves)."""
-        scan = ScanState(self._h.path)
-        for rec in iter_records(self._h.fd, scan, salt=self._h.salt, decode_types=decode_types):
+        h = self._h
+        scan = ScanState(h.path)
+        for rec in iter_records(h.fd, scan, salt=h.salt, decode_types=decode_types):
             if rec[0] >= self.end:
-                break
+                return
             yield rec
+        if scan.torn_offset is not None and scan.torn_offset < self.end:
+            # Damage below the end the shared state vouched for (e.g. bit rot in the last record):
+            # corruption inside the durable region, else a torn tail that state did not know of.
+            h._repair_locked(scan)
+            self.end, self.last_seq = scan.end, scan.last_seq
+            if self.terminal_off >= scan.end:
+                self.terminal_off = 0
+            h._store_state(self.end, self.last_seq, self.terminal_off)
 
 
 def check_durability(value: object) -> str:
