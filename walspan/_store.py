@@ -227,6 +227,7 @@ class Store:
             if not already and h.durable:
                 h.wait_durable(end)
             session.attached_pid = os.getpid()
+            _hooks.hold(self)  # detached at exit even if the caller drops the Store unclosed
         finally:
             self._release_handle(h)
 
@@ -369,6 +370,7 @@ class Store:
             if self._writer is not None and self._writer.pid == os.getpid():
                 self._writer.release()
                 self._writer = None
+        _hooks.unhold(self)
 
     def __enter__(self) -> Store:
         return self
