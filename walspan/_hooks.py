@@ -32,7 +32,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("walspan")
 
 _stores: weakref.WeakSet[Store] = weakref.WeakSet()
+# Stores with attached writers are held strongly: a Store dropped without close() (a local in
+# a function that returned) must still be detached at exit, not left to recovery as crashed.
+_held: set[Store] = set()
 _installed = False
+_atexit_pid = 0
+_finalizer_pid = 0
 _install_lock = threading.Lock()
 _local = threading.local()
 _pending_signals: list[int] = []
@@ -44,8 +49,18 @@ def register(store: Store) -> None:
     _stores.add(store)
 
 
+def hold(store: Store) -> None:
+    """Keep `store` alive while it has attached writers, so the exit hooks can detach it."""
+    _held.add(store)
+
+
+def unhold(store: Store) -> None:
+    _held.discard(store)
+
+
 def stores() -> list[Store]:
-    return list(_stores)
+    """The stores the process-wide hooks act on: those created with install_hooks=True."""
+    return [s for s in set(_stores) | _held if s.install_hooks]
 
 
 # -- re-entrancy guard --------------------------------------------------------------------
@@ -60,7 +75,7 @@ def busy() -> Iterator[None]:
         yield
     finally:
         _local.depth = depth
-        if depth == 0 and _pending_signals and threading.current_thread() is threading.main_thread():
+        while depth == 0 and _pending_signals and threading.current_thread() is threading.main_thread():
             signum = _pending_signals.pop(0)
             _on_signal(signum, None)
 
@@ -94,7 +109,7 @@ def install() -> None:
             previous_threadhook(args)
 
         threading.excepthook = threadhook
-        atexit.register(detach_all)
+        _register_atexit()
         if threading.current_thread() is threading.main_thread():
             for signum in HANDLED_SIGNALS:
                 try:
@@ -136,6 +151,13 @@ def _on_signal(signum: int, frame: Any) -> None:
         os.kill(os.getpid(), signum)
 
 
+def _register_atexit() -> None:
+    global _atexit_pid
+    if _atexit_pid != os.getpid():  # atexit entries survive fork: one registration per process
+        _atexit_pid = os.getpid()
+        atexit.register(detach_all)
+
+
 def detach_all() -> None:
     for store in stores():
         try:
@@ -148,10 +170,13 @@ def detach_all() -> None:
 
 
 def _after_fork_in_child() -> None:
+    global _install_lock
+    _install_lock = threading.Lock()  # another thread may have held it at fork time
     _local.__dict__.clear()
     _pending_signals.clear()
-    for store in stores():
+    for store in set(_stores) | _held:  # every store, hooks or not: none may reuse inherited locks
         store._forget_after_fork()
+    _held.clear()  # the child holds what it attaches itself
 
 
 if hasattr(os, "register_at_fork"):
@@ -161,6 +186,9 @@ if hasattr(os, "register_at_fork"):
 def register_exit_finalizer(fn: Callable[[], None]) -> None:
     """multiprocessing children leave through os._exit, skipping atexit; its own finalizers
     still run there, so a forked worker detaches too."""
+    global _finalizer_pid
     mp_util = sys.modules.get("multiprocessing.util")
-    if mp_util is not None:
+    if mp_util is not None and _finalizer_pid != os.getpid():
+        # a multiprocessing child starts with an empty registry: register once per process
+        _finalizer_pid = os.getpid()
         mp_util.Finalize(None, fn, exitpriority=10)
