@@ -1,0 +1,152 @@
+"""User values: refused at the call, naming where, with nothing written; one truncation rule."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+import walspan
+from walspan import TRUNCATION_MARKER
+from walspan._values import cap_str, clean
+
+
+class Weird:
+    pass
+
+
+BAD_VALUES = [
+    (object(), TypeError),
+    (b"bytes", TypeError),
+    ({1, 2}, TypeError),
+    (float("nan"), ValueError),
+    (float("inf"), ValueError),
+    (1 << 64, ValueError),
+    (-(1 << 63) - 1, ValueError),
+    (Weird(), TypeError),
+    ("\ud800", ValueError),
+    (bytearray(b"x"), TypeError),
+]
+
+
+@pytest.mark.parametrize("value, exc", BAD_VALUES, ids=[type(v).__name__ + str(i) for i, (v, _) in enumerate(BAD_VALUES)])
+def test_bad_value_is_refused_naming_the_key_path_and_nothing_is_written(tmp_path: Path, value: object, exc: type) -> None:
+    """A non-serializable value nested in attributes is refused with TypeError/ValueError naming
+    the key path (attributes['a'][2]) and the WAL is not touched, through every entry point."""
+    store = walspan.Store(tmp_path, install_hooks=False)
+    t = store.open("v")
+    span = t.start_span("s")
+    wal = store.wal_path("v")
+    size = wal.stat().st_size
+    nested = {"a": [0, 1, value]}
+    calls = [
+        lambda: t.start_span("x", attributes=nested),
+        lambda: t.start_span("x", input={"a": [0, 1, value]}),
+        lambda: span.set_attributes(nested),
+        lambda: span.add_event("e", nested),
+        lambda: span.end(output={"a": [0, 1, value]}),
+        lambda: t.set_metadata(a=[0, 1, value]),
+    ]
+    for call in calls:
+        with pytest.raises(exc) as ei:
+            call()
+        assert "['a'][2]" in str(ei.value)
+        assert wal.stat().st_size == size
+    assert not span.ended
+    store.close()
+
+
+def test_non_str_keys_refused(tmp_path: Path) -> None:
+    """A dict with a non-str key is refused (TypeError naming the key and where), nothing written."""
+    store = walspan.Store(tmp_path, install_hooks=False)
+    t = store.open("k")
+    size = store.wal_path("k").stat().st_size
+    with pytest.raises(TypeError, match=r"attributes\['a'\].*key 1"):
+        t.start_span("x", attributes={"a": {1: "x"}})
+    with pytest.raises(TypeError):
+        store.open("k2", metadata={(1, 2): "x"})  # type: ignore[dict-item]
+    assert store.wal_path("k").stat().st_size == size
+    assert not store.wal_path("k2").exists()
+    store.close()
+
+
+def test_bad_argument_types_refused(tmp_path: Path) -> None:
+    """Wrong types for names, kinds, attributes, parent and statuses are refused, nothing written."""
+    store = walspan.Store(tmp_path, install_hooks=False)
+    t = store.open("a")
+    size = store.wal_path("a").stat().st_size
+    with pytest.raises(TypeError):
+        t.start_span(3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        t.start_span("x", kind=None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        t.start_span("x", attributes=[1])  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        t.start_span("x", parent="not-a-span-id")
+    s = t.start_span("ok")
+    size = store.wal_path("a").stat().st_size
+    with pytest.raises(ValueError):
+        s.end(status="weird")
+    with pytest.raises(ValueError):
+        t.end(status="running")
+    assert store.wal_path("a").stat().st_size == size
+    store.close()
+
+
+def test_accepted_values_round_trip(tmp_path: Path) -> None:
+    """Values in the allowed set are stored as given (tuples as lists, subclasses normalised)."""
+    store = walspan.Store(tmp_path, install_hooks=False)
+    t = store.open("r")
+    value = {"n": None, "b": True, "i": -(1 << 63), "u": (1 << 64) - 1, "f": -0.5, "s": "é🙂", "l": (1, [2, {"x": []}])}
+    sp = t.start_span("s", attributes=value, input=value)
+    sp.end(output=value)
+    got = store.load("r")["spans"][0]
+    expected = dict(value, l=[1, [2, {"x": []}]])
+    assert got["attributes"] == expected and got["input"] == expected and got["output"] == expected
+    store.close()
+
+
+def test_cap_str_single_rule() -> None:
+    """A string over the limit is cut at a character boundary to at most `limit` UTF-8 bytes and
+    followed by the marker, which states kept and total bytes."""
+    assert cap_str("abc", 3) == "abc"
+    out = cap_str("é" * 10, 5)  # 20 bytes; 5 would cut the third 'é' in half
+    kept = "é" * 2
+    assert out == kept + TRUNCATION_MARKER.format(kept=4, total=20)
+    assert clean({"a": ["x" * 100]}, "w", 64)["a"][0] == "x" * 64 + TRUNCATION_MARKER.format(kept=64, total=100)
+
+
+def test_oversized_values_capped_with_visible_marker(tmp_path: Path) -> None:
+    """Under Store(max_value_bytes=N), inputs, outputs, attributes, events and metadata over N
+    bytes are capped with TRUNCATION_MARKER, once (no double truncation), everywhere alike."""
+    n = 100
+    store = walspan.Store(tmp_path, install_hooks=False, max_value_bytes=n)
+    big = "p" * 5000
+    capped = "p" * n + TRUNCATION_MARKER.format(kept=n, total=5000)
+    t = store.open("big", metadata={"prompt": big})
+    sp = t.start_span("s", attributes={"a": [big]}, input=big)
+    sp.set_attributes({"b": big})
+    sp.add_event("e", {"c": big})
+    sp.end(output={"o": big})
+    t.set_metadata(title=big)
+    doc = store.load("big")
+    s = doc["spans"][0]
+    assert doc["metadata"] == {"prompt": capped, "title": capped}
+    assert s["attributes"] == {"a": [capped], "b": capped}
+    assert s["events"][0]["attributes"] == {"c": capped}
+    assert s["input"] == capped and s["output"] == {"o": capped}
+    path = t.end()
+    assert path.read_text(encoding="utf-8").count("walspan: truncated") == 7
+    assert os.path.getsize(store.wal_path("big")) < 5000
+    store.close()
+
+
+def test_max_value_bytes_validated(tmp_path: Path) -> None:
+    """max_value_bytes must be an int of at least 64 (TypeError/ValueError at construction)."""
+    with pytest.raises(TypeError):
+        walspan.Store(tmp_path, max_value_bytes="10")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        walspan.Store(tmp_path, max_value_bytes=10)
+    assert math.isfinite(walspan.Store(tmp_path, install_hooks=False, max_value_bytes=64).max_value_bytes)
