@@ -231,8 +231,9 @@ class Store:
         finally:
             self._release_handle(h)
 
-    def _mark_lost_writers(self, wal: Any, own_writer_id: str) -> list[dict[str, Any]]:
-        """Under the append lock: record every attached writer proven dead as lost."""
+    @staticmethod
+    def _attached_writers(wal: Any) -> dict[str, dict[str, Any]]:
+        """Under the append lock: the attach records of writers neither detached nor lost."""
         attached: dict[str, dict[str, Any]] = {}
         for _off, rtype, _seq, payload in wal.records(decode_types=_WRITER_TYPES):
             if payload is None:
@@ -244,6 +245,11 @@ class Store:
                 attached.pop(p["writer"], None)
             else:
                 attached.pop(p["lost"], None)
+        return attached
+
+    def _mark_lost_writers(self, wal: Any, own_writer_id: str) -> list[dict[str, Any]]:
+        """Under the append lock: record every attached writer proven dead as lost."""
+        attached = self._attached_writers(wal)
         lost = []
         for wid, p in attached.items():
             if wid == own_writer_id or _liveness.writer_alive(self._internal, p):
@@ -305,8 +311,13 @@ class Store:
         finally:
             self._release_handle(h)
 
-    def _end_attached(self, status: str, message: str, thread: int | None) -> None:
-        """Crash-hook entry: end every trace this process has attached (or one thread's)."""
+    def _end_attached(self, status: str, message: str, thread: int | None, lose_if_shared: bool = False) -> None:
+        """Crash-hook entry: end every trace this process has attached (or one thread's).
+
+        lose_if_shared: where another writer of the trace is alive, record only this writer as
+        lost (its open spans interrupted) and let the trace go on; end it only where this
+        process is its last live writer (a pool worker stopped by its parent's SIGTERM).
+        """
         with self._lock:
             targets = [
                 s
@@ -315,9 +326,34 @@ class Store:
             ]
         for s in targets:
             try:
+                if lose_if_shared and self._lose_self_if_shared(s, message):
+                    continue
                 self._terminate(s, status, message)
             except TraceClosedError:
                 pass
+
+    def _lose_self_if_shared(self, session: _Session, message: str) -> bool:
+        """Record this process's writer lost if another writer of the trace lives; True if so."""
+        writer = self._writer
+        if writer is None:
+            return False
+        h = self._acquire_handle(session.stem)
+        try:
+            with _hooks.busy(), h.locked() as wal:
+                if wal.terminal_off:
+                    return True  # already ended: nothing to record
+                others = {wid: p for wid, p in self._attached_writers(wal).items() if wid != writer.writer_id}
+                if not any(_liveness.writer_alive(self._internal, p) for p in others.values()):
+                    return False
+                payload = {"lost": writer.writer_id, "message": message, "time": time.time_ns(), "by": writer.writer_id}
+                _, end = wal.append(_T.WRITER_LOST, payload)
+            if h.durable:
+                h.wait_durable(end)
+            with self._lock:
+                session.attached_pid = 0
+            return True
+        finally:
+            self._release_handle(h)
 
     # -- reading --------------------------------------------------------------------------
 
@@ -337,7 +373,8 @@ class Store:
     def compact(self, session_id: str) -> Path:
         """Bring the canonical JSON up to date with the WAL; returns its path."""
         stem = self._existing_stem(session_id)
-        path, _ = _compactor.compact(self.directory, stem)
+        with _hooks.busy():  # a crash hook arriving now would wait for our own compaction lock
+            path, _ = _compactor.compact(self.directory, stem)
         return Path(path)
 
     def recover(self) -> RecoveryReport:
