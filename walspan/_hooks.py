@@ -138,9 +138,13 @@ def _on_signal(signum: int, frame: Any) -> None:
         _pending_signals.append(signum)  # finish the current walspan call first
         return
     name = signal.Signals(signum).name
+    # A multiprocessing child gets SIGTERM from its parent's terminate() (Pool.__exit__ does it
+    # to every worker): while another writer of the trace lives, that is one lost worker, not
+    # the end of the trace. Anywhere else, and with no other live writer, the trace crashed.
+    shared = signum == getattr(signal, "SIGTERM", None) and _in_multiprocessing_child()
     for store in stores():
         try:
-            store._end_attached("crashed", f"killed by {name}", thread=None)
+            store._end_attached("crashed", f"killed by {name}", thread=None, lose_if_shared=shared)
         except Exception:  # pragma: no cover
             log.exception("walspan: could not record %s in %s", name, store.directory)
     prev = _previous.get(signum, signal.SIG_DFL)
@@ -156,6 +160,14 @@ def _register_atexit() -> None:
     if _atexit_pid != os.getpid():  # atexit entries survive fork: one registration per process
         _atexit_pid = os.getpid()
         atexit.register(detach_all)
+
+
+def _in_multiprocessing_child() -> bool:
+    mp = sys.modules.get("multiprocessing")
+    try:
+        return mp is not None and mp.parent_process() is not None
+    except Exception:  # pragma: no cover - a half-initialised multiprocessing
+        return False
 
 
 def detach_all() -> None:

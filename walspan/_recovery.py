@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import _compactor, _liveness
+from . import _compactor, _hooks, _liveness
 from ._format import RecordType, unpack_payload
 from ._wal import WalHandle
 from .errors import CorruptWALError
@@ -65,7 +65,9 @@ def recover(store: Store, session_ids: list[str] | None = None) -> RecoveryRepor
     for sid in ids:
         report.checked += 1
         try:
-            _recover_session(store, sid, report)
+            # busy: a signal handler arriving now must not try to take the locks we hold
+            with _hooks.busy():
+                _recover_session(store, sid, report)
         except CorruptWALError as exc:
             report.corrupt.append(exc)
     return report
