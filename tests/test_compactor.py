@@ -1,0 +1,278 @@
+"""The compactor (invariants 4 and 5) and the fold: the JSON is a deterministic, monotonic,
+rebuildable view of the WAL, and compaction never makes appends wait."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import walspan
+from walfiles import record_offsets
+from walspan import _compactor
+from walspan._fold import dumps
+
+TIMEOUT = 60
+
+
+def _fill(store: walspan.Store, sid: str, n: int = 3) -> walspan.Trace:
+    t = store.open(sid, metadata={"m": 1})
+    for i in range(n):
+        with t.span(f"s{i}", attributes={"i": i}) as sp:
+            sp.add_event("e", {"i": i})
+    return t
+
+
+def _full_fold_bytes(wal: Path) -> bytes:
+    fold, _ = _compactor.fold_wal(str(wal))
+    return dumps(fold.to_dict())
+
+
+def test_json_equals_load_and_reflects_the_wal(pstore: walspan.Store) -> None:
+    """The compacted JSON parses to exactly load()'s dict, names the WAL position it reflects,
+    and is the canonical bytes of the full fold."""
+    _fill(pstore, "j")
+    path = pstore.compact("j")
+    doc = json.loads(path.read_bytes())
+    assert doc == pstore.load("j")
+    recs = record_offsets(pstore.wal_path("j"))
+    assert doc["wal"]["offset"] == recs[-1][1] and doc["wal"]["seq"] == recs[-1][3]
+    assert path.read_bytes() == _full_fold_bytes(pstore.wal_path("j"))
+
+
+def test_json_is_a_cache_deleted_and_rebuilt_identically(pstore: walspan.Store) -> None:
+    """Deleting the JSON loses nothing: compacting again rebuilds the same bytes (invariant 4)."""
+    t = _fill(pstore, "d")
+    path = t.end()
+    before = path.read_bytes()
+    os.unlink(path)
+    assert pstore.compact("d").read_bytes() == before
+
+
+def test_incremental_compaction_equals_full_fold(pstore: walspan.Store) -> None:
+    """Compacting after every few appends (each from the previous JSON as checkpoint) gives the
+    same bytes as one full fold of the final WAL, including spans left open across checkpoints."""
+    t = pstore.open("inc")
+    open_span = t.start_span("long", parent=None)
+    for i in range(6):
+        sp = t.start_span(f"s{i}", parent=open_span, attributes={"i": i})
+        pstore.compact("inc")
+        sp.set_attributes({"j": i})
+        sp.add_event("ev")
+        pstore.compact("inc")
+        sp.end(output=i)
+    t.set_metadata(k="v")
+    pstore.compact("inc")
+    open_span.end()
+    path = pstore.compact("inc")
+    assert path.read_bytes() == _full_fold_bytes(pstore.wal_path("inc"))
+
+
+def test_stale_checkpoint_is_caught_up(pstore: walspan.Store) -> None:
+    """A stale JSON (an older compaction put back in place) is only a checkpoint: the next
+    compaction folds the records after it and the result equals a full fold."""
+    t = _fill(pstore, "st", 2)
+    old = pstore.compact("st").read_bytes()
+    _fill(pstore, "st", 2).start_span("x").end()
+    t.set_metadata(after=True)
+    path = pstore.trace_path("st")
+    pstore.compact("st")
+    path.write_bytes(old)
+    pstore.compact("st")
+    assert path.read_bytes() == _full_fold_bytes(pstore.wal_path("st"))
+
+
+def test_garbage_json_is_rebuilt(pstore: walspan.Store) -> None:
+    """An unreadable or foreign JSON is not trusted as a checkpoint: compaction rebuilds it."""
+    _fill(pstore, "g")
+    path = pstore.trace_path("g")
+    for junk in (b"{not json", b"[]", json.dumps({"format": "walspan-trace/1"}).encode()):
+        path.write_bytes(junk)
+        pstore.compact("g")
+        assert path.read_bytes() == _full_fold_bytes(pstore.wal_path("g"))
+
+
+def test_compaction_is_monotonic(pstore: walspan.Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Invariant 4: a compaction whose fold reflects less of the WAL than the JSON already does
+    (a slow compactor that read an older WAL) never replaces the JSON."""
+    _fill(pstore, "mono", 2)
+    wal = pstore.wal_path("mono")
+    older_end = record_offsets(wal)[-1][0]  # a fold that misses the last record
+    path = pstore.compact("mono")
+    current = path.read_bytes()
+    real = _compactor.fold_wal
+    monkeypatch.setattr(_compactor, "fold_wal", lambda p, checkpoint=None, upto=None: real(p, None, upto=older_end))
+    _path, rewritten = _compactor.compact(pstore.directory, wal.name[:-4])
+    assert rewritten is False
+    assert path.read_bytes() == current
+
+
+CONCURRENT_COMPACT = textwrap.dedent("""
+    import sys, walspan
+    from walspan import _compactor
+    s = walspan.Store(sys.argv[1], durability="process", install_hooks=False)
+    t = s.open("cc")
+    for i in range(int(sys.argv[2])):
+        t.start_span(f"{sys.argv[3]}{i}", parent=None).end()
+        s.compact("cc")
+    t.close(); s.close()
+""")
+
+
+def test_concurrent_compactions_end_complete(pstore: walspan.Store) -> None:
+    """Invariant 4: several processes appending and compacting the same session concurrently
+    leave a JSON that reflects the whole WAL and equals its full fold; every intermediate
+    compaction was a valid canonical document (verify finds nothing wrong)."""
+    pstore.open("cc").close()
+    procs = [
+        subprocess.Popen([sys.executable, "-c", CONCURRENT_COMPACT, pstore.directory, "8", f"p{k}-"])
+        for k in range(3)
+    ]
+    for p in procs:
+        assert p.wait(TIMEOUT) == 0
+    path = pstore.compact("cc")
+    wal = pstore.wal_path("cc")
+    assert path.read_bytes() == _full_fold_bytes(wal)
+    assert len(pstore.load("cc")["spans"]) == 24
+    from walspan import _verify
+    assert _verify.verify_dir(pstore.directory).ok
+
+
+APPENDER = textwrap.dedent("""
+    import sys, walspan
+    s = walspan.Store(sys.argv[1], install_hooks=False)
+    t = s.open("busy")
+    for i in range(20):
+        t.start_span(f"during{i}", parent=None).end()
+    t.close(); s.close()
+    print("done", flush=True)
+""")
+
+
+def test_appends_never_wait_for_compaction(store: walspan.Store) -> None:
+    """Invariant 5: while a compaction of the session is held (blocked inside before_rename,
+    holding the compaction lock), another process opens the trace and completes 20 durable
+    appends. The held compaction then finishes and a later one catches up."""
+    t = _fill(store, "busy", 2)
+    held, release = threading.Event(), threading.Event()
+
+    def hook(_path: str) -> None:
+        held.set()
+        release.wait(TIMEOUT)
+
+    _compactor.before_rename = hook
+    try:
+        result: list[object] = []
+        th = threading.Thread(target=lambda: result.append(store.compact("busy")))
+        th.start()
+        assert held.wait(TIMEOUT)
+        out = subprocess.run([sys.executable, "-c", APPENDER, store.directory], capture_output=True, text=True, timeout=TIMEOUT)
+        still_held = th.is_alive()
+        release.set()
+        th.join(TIMEOUT)
+    finally:
+        _compactor.before_rename = None
+        release.set()
+    assert out.returncode == 0 and out.stdout == "done\n", out.stderr
+    assert still_held  # the appends completed while the compaction was blocked
+    assert isinstance(result[0], Path)
+    names = [s["name"] for s in store.load("busy")["spans"]]
+    assert names[-20:] == [f"during{i}" for i in range(20)]
+    t.end()
+    assert json.loads(store.trace_path("busy").read_bytes()) == store.load("busy")
+
+
+# -- hypothesis: random API operation sequences against a simple model -------------------------
+
+_key = st.sampled_from(["a", "b", "c"])
+_val = st.one_of(st.none(), st.booleans(), st.integers(-10, 10), st.text(max_size=5), st.lists(st.integers(0, 3), max_size=3))
+_attrs = st.dictionaries(_key, _val, max_size=3)
+
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("start"), st.integers(0, 10), _attrs, _val),
+        st.tuples(st.just("attrs"), st.integers(0, 10), _attrs),
+        st.tuples(st.just("event"), st.integers(0, 10), _attrs),
+        st.tuples(st.just("end"), st.integers(0, 10), st.sampled_from(["ok", "error"]), _val),
+        st.tuples(st.just("meta"), _attrs),
+        st.tuples(st.just("compact")),
+    ),
+    max_size=25,
+)
+
+_counter = itertools.count()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS, final=st.sampled_from([None, "completed", "error", "crashed"]))
+def test_random_operations_fold_like_the_model(tmp_path: Path, ops: list[tuple], final: str | None) -> None:
+    """Property: any sequence of API calls folds to the state a plain model predicts; load()
+    equals the compacted JSON; incremental compactions give the same bytes as a full fold; and
+    the JSON is deterministic (a copy of the same WAL compacts to the same bytes)."""
+    d = tmp_path / f"ex{next(_counter)}"
+    store = walspan.Store(d, durability="process", install_hooks=False)
+    t = store.open("h", metadata={"m": 0})
+    spans: list[walspan.Span] = []
+    model: list[dict] = []
+    meta: dict = {"m": 0}
+    for op in ops:
+        kind = op[0]
+        if kind == "start":
+            parent = spans[op[1] % len(spans)] if spans and op[1] % 2 else None
+            spans.append(t.start_span(f"s{len(spans)}", parent=parent, attributes=op[2], input=op[3]))
+            model.append({"parent": parent.span_id if parent else None, "attributes": dict(op[2]), "events": [], "status": "open", "input": op[3], "output": None})
+        elif kind in ("attrs", "event", "end") and spans:
+            i = op[1] % len(spans)
+            if kind == "attrs":
+                spans[i].set_attributes(op[2])
+                model[i]["attributes"].update(op[2])
+            elif kind == "event":
+                spans[i].add_event("ev", op[2])
+                model[i]["events"].append(op[2])
+            else:
+                if model[i]["status"] == "open":
+                    model[i]["status"], model[i]["output"] = op[2], op[3]
+                spans[i].end(status=op[2], output=op[3])
+        elif kind == "meta":
+            t.set_metadata(op[1])
+            meta.update(op[1])
+        elif kind == "compact":
+            store.compact("h")
+    status = "running"
+    if final:
+        t.end(final, "bye") if final != "crashed" else t.crash("bye")
+        status = final
+        for m in model:
+            if m["status"] == "open":
+                m["status"] = "interrupted"
+    doc = store.load("h")
+    assert doc["status"] == status and doc["metadata"] == meta
+    got = [
+        {"parent": s["parent_span_id"], "attributes": s["attributes"], "events": [e["attributes"] for e in s["events"]],
+         "status": s["status"], "input": s["input"], "output": s["output"]}
+        for s in doc["spans"]
+    ]
+    assert got == model
+    assert [s["span_id"] for s in doc["spans"]] == [s.span_id for s in spans]
+    path = store.compact("h")
+    raw = path.read_bytes()
+    assert json.loads(raw) == doc
+    wal = store.wal_path("h")
+    assert raw == _full_fold_bytes(wal)
+    copy = d.parent / f"{d.name}-copy"
+    copy.mkdir()
+    shutil.copyfile(wal, copy / wal.name)
+    c = walspan.Store(copy, durability="process", install_hooks=False)
+    assert c.compact("h").read_bytes() == raw
+    store.close()
+    c.close()
