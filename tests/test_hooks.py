@@ -1,0 +1,307 @@
+"""Crash hooks: what a dying writer process records (uncaught exceptions, signals, normal exit).
+
+Each test runs the dying process as a fresh interpreter (sys.executable -c), so the hooks are
+installed there and never in the test runner itself. Synchronisation is by pipe (the child
+prints "ready" once it has attached); nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+import walspan
+from crashkit import expect_line, read_json, run_script, spawn_script, terminal_records
+
+PRE = """
+import os, signal, sys, threading
+import walspan
+d = sys.argv[1]
+"""
+
+
+def _store(path: Path) -> walspan.Store:
+    return walspan.Store(path, install_hooks=False)
+
+
+def test_uncaught_exception_ends_every_trace_of_the_process_as_error(tmp_path: Path) -> None:
+    """An uncaught exception in the main thread ends every trace the process attached (across
+    stores) as `error` with the exception's type and message; the previous excepthook still runs."""
+    proc = run_script(PRE + """
+def prev(t, e, tb):
+    print("previous hook saw", t.__name__, flush=True)
+sys.excepthook = prev
+a = walspan.Store(d).open("a")
+b = walspan.Store(os.path.join(d, "sub")).open("b")
+span = a.start_span("work")
+raise ValueError("boom 42")
+""", str(tmp_path))
+    assert proc.returncode == 1
+    assert "previous hook saw ValueError" in proc.stdout
+    for directory, sid in ((tmp_path, "a"), (tmp_path / "sub", "b")):
+        s = _store(directory)
+        t = s.load(sid)
+        assert (t["status"], t["status_message"]) == ("error", "ValueError: boom 42")
+        assert read_json(s, sid) == t
+    span = _store(tmp_path).load("a")["spans"][0]
+    assert span["status"] == "interrupted"
+
+
+def test_uncaught_exception_in_a_thread_ends_only_that_threads_traces(tmp_path: Path) -> None:
+    """threading.excepthook ends the traces opened by the failing thread as `error`; a trace
+    opened by the main thread is untouched and detached at normal exit (idle, not crashed)."""
+    proc = run_script(PRE + """
+store = walspan.Store(d)
+main_trace = store.open("main")
+def work():
+    t = store.open("worker")
+    t.start_span("doomed")
+    raise RuntimeError("thread failed")
+th = threading.Thread(target=work)
+th.start(); th.join()
+main_trace.start_span("still fine").end()
+print("main done", flush=True)
+""", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "main done" in proc.stdout
+    s = _store(tmp_path)
+    worker = s.load("worker")
+    assert (worker["status"], worker["status_message"]) == ("error", "RuntimeError: thread failed")
+    main = s.load("main")
+    assert main["status"] == "running"
+    assert [w["state"] for w in main["writers"]] == ["detached"]
+    assert s.recover().crashed == []
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_fatal_signal_marks_crashed_then_the_process_dies_by_it(tmp_path: Path, signame: str) -> None:
+    """SIGTERM/SIGHUP with the default disposition: every attached trace is marked crashed
+    naming the signal, then the default action happens: the process dies by that signal."""
+    proc = spawn_script(PRE + """
+t = walspan.Store(d).open("s")
+t.start_span("long tool call")
+print("ready", flush=True)
+sys.stdin.read()
+print("not reached", flush=True)
+""", str(tmp_path))
+    expect_line(proc, "ready")
+    signum = getattr(signal, signame)
+    proc.send_signal(signum)
+    out, _err = proc.communicate(timeout=60)
+    assert proc.returncode == -signum
+    assert "not reached" not in out
+    s = _store(tmp_path)
+    t = s.load("s")
+    assert (t["status"], t["status_message"]) == ("crashed", f"killed by {signame}")
+    assert t["spans"][0]["status"] == "interrupted"
+    assert read_json(s, "s") == t
+
+
+def test_sigint_marks_crashed_then_keyboardinterrupt_runs(tmp_path: Path) -> None:
+    """SIGINT: the trace is marked crashed ("killed by SIGINT"), then Python's own handler
+    raises KeyboardInterrupt as before (the program may catch it)."""
+    proc = spawn_script(PRE + """
+t = walspan.Store(d).open("s")
+try:
+    print("ready", flush=True)
+    sys.stdin.read()
+except KeyboardInterrupt:
+    print("caught KeyboardInterrupt", flush=True)
+""", str(tmp_path))
+    expect_line(proc, "ready")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, (out, err)
+    assert "caught KeyboardInterrupt" in out
+    t = _store(tmp_path).load("s")
+    assert (t["status"], t["status_message"]) == ("crashed", "killed by SIGINT")
+
+
+def test_signal_hooks_chain_to_a_previous_python_handler(tmp_path: Path) -> None:
+    """A handler installed before walspan still runs after the trace is marked crashed."""
+    proc = spawn_script(PRE + """
+def prev(signum, frame):
+    print("previous handler ran", flush=True)
+    os._exit(7)
+signal.signal(signal.SIGTERM, prev)
+t = walspan.Store(d).open("s")
+print("ready", flush=True)
+sys.stdin.read()
+""", str(tmp_path))
+    expect_line(proc, "ready")
+    proc.send_signal(signal.SIGTERM)
+    out, _err = proc.communicate(timeout=60)
+    assert proc.returncode == 7
+    assert "previous handler ran" in out
+    t = _store(tmp_path).load("s")
+    assert (t["status"], t["status_message"]) == ("crashed", "killed by SIGTERM")
+
+
+def test_ignored_signal_stays_ignored(tmp_path: Path) -> None:
+    """A signal whose disposition was SIG_IGN is left alone: the process survives it and the
+    trace is not marked crashed."""
+    proc = spawn_script(PRE + """
+signal.signal(signal.SIGHUP, signal.SIG_IGN)
+t = walspan.Store(d).open("s")
+print("ready", signal.getsignal(signal.SIGHUP) is signal.SIG_IGN, flush=True)
+sys.stdin.readline()
+t.start_span("after the signal").end()
+print("survived", flush=True)
+""", str(tmp_path))
+    assert expect_line(proc, "ready") == "ready True"
+    proc.send_signal(signal.SIGHUP)
+    out, _err = proc.communicate("go\n", timeout=60)
+    assert proc.returncode == 0
+    assert "survived" in out
+    t = _store(tmp_path).load("s")
+    assert t["status"] == "running"
+    assert [sp["name"] for sp in t["spans"]] == ["after the signal"]
+
+
+def test_normal_exit_detaches_and_the_trace_is_idle_not_crashed(tmp_path: Path) -> None:
+    """A process that exits normally without ending or closing its trace detaches at exit
+    (even if its Store went out of scope unclosed): recovery leaves it alone and a later
+    open() continues the same trace."""
+    run_script(PRE + """
+def work():
+    store = walspan.Store(d)
+    t = store.open("s", metadata={"title": "long-lived"})
+    t.start_span("turn 1").end()
+work()
+""", str(tmp_path), check=True)
+    s = _store(tmp_path)
+    t = s.load("s")
+    assert t["status"] == "running"
+    assert [w["state"] for w in t["writers"]] == ["detached"]
+    assert s.recover().actions == []
+    again = s.open("s")
+    assert again.trace_id == t["trace_id"]
+    again.start_span("turn 2").end()
+    again.end()
+    final = s.load("s")
+    assert final["status"] == "completed"
+    assert [sp["name"] for sp in final["spans"]] == ["turn 1", "turn 2"]
+    s.close()
+
+
+def test_hooks_are_installed_once_and_chain(tmp_path: Path) -> None:
+    """Several stores and traces install the hooks once: sys.excepthook, threading.excepthook
+    and the signal handlers are replaced a single time, and the original excepthook runs
+    exactly once for an uncaught exception (no double wrapping)."""
+    proc = run_script(PRE + """
+before = (sys.excepthook, threading.excepthook)
+stores = [walspan.Store(os.path.join(d, str(i))) for i in range(3)]
+for i, s in enumerate(stores):
+    s.open(f"t{i}"); s.open(f"u{i}")
+after = (sys.excepthook, threading.excepthook, signal.getsignal(signal.SIGTERM))
+walspan.Store(os.path.join(d, "x")).open("x")
+again = (sys.excepthook, threading.excepthook, signal.getsignal(signal.SIGTERM))
+print("once", after == again, "changed", after[0] is not before[0] and after[1] is not before[1], flush=True)
+raise KeyError("once")
+""", str(tmp_path))
+    assert "once True changed True" in proc.stdout
+    assert proc.stderr.count("KeyError: 'once'") == 1  # the default hook ran exactly once
+
+
+def test_install_hooks_false_leaves_the_process_alone(tmp_path: Path) -> None:
+    """install_hooks=False: no excepthook, threading.excepthook or signal handler is replaced;
+    an uncaught exception does not end the trace and exit does not detach it, so the writer
+    is simply dead for recovery, which then marks the trace crashed."""
+    proc = run_script(PRE + """
+hooks = (sys.excepthook, threading.excepthook, signal.getsignal(signal.SIGTERM))
+s = walspan.Store(d, install_hooks=False)
+t = s.open("s")
+t.start_span("x")
+print("untouched", hooks == (sys.excepthook, threading.excepthook, signal.getsignal(signal.SIGTERM)), flush=True)
+raise ValueError("nobody records this")
+""", str(tmp_path))
+    assert proc.returncode == 1
+    assert "untouched True" in proc.stdout
+    s = _store(tmp_path)
+    t = s.load("s")
+    assert t["status"] == "running"
+    assert [w["state"] for w in t["writers"]] == ["attached"]
+    assert s.recover().crashed == ["s"]
+    assert s.load("s")["status"] == "crashed"
+
+
+def test_signal_during_an_append_does_not_deadlock(tmp_path: Path) -> None:
+    """A SIGTERM delivered while the main thread is inside a walspan append (holding the append
+    lock) is deferred until the append returns: the event is acknowledged and present, the
+    trace is marked crashed, and the process dies by SIGTERM instead of hanging."""
+    proc = run_script(PRE + """
+from walspan import _fsutil
+t = walspan.Store(d).open("s")
+span = t.start_span("x")
+armed = []
+def hook(op, path):
+    if op == "write" and path.endswith(".wal") and armed:
+        armed.clear()
+        os.kill(os.getpid(), signal.SIGTERM)  # handled right here, inside the append
+_fsutil.faults.hook = hook
+armed.append(1)
+span.add_event("interrupted append", {"n": 1})
+print("not reached", flush=True)
+""", str(tmp_path))
+    assert proc.returncode == -signal.SIGTERM, proc.stderr
+    assert "not reached" not in proc.stdout
+    s = _store(tmp_path)
+    t = s.load("s")
+    assert (t["status"], t["status_message"]) == ("crashed", "killed by SIGTERM")
+    assert [e["name"] for e in t["spans"][0]["events"]] == ["interrupted append"]
+
+
+def test_signal_during_compaction_does_not_deadlock(tmp_path: Path) -> None:
+    """A SIGTERM delivered while the main thread holds a session's compaction lock (inside
+    Store.compact) does not deadlock the crash hook on that same lock."""
+    proc = run_script(PRE + """
+from walspan import _compactor
+s = walspan.Store(d)
+t = s.open("s")
+t.start_span("x").end()
+def hook(path):
+    _compactor.before_rename = None
+    os.kill(os.getpid(), signal.SIGTERM)
+_compactor.before_rename = hook
+s.compact("s")
+print("not reached", flush=True)
+""", str(tmp_path))
+    assert proc.returncode == -signal.SIGTERM, proc.stderr
+    s = _store(tmp_path)
+    t = s.load("s")
+    assert (t["status"], t["status_message"]) == ("crashed", "killed by SIGTERM")
+    assert read_json(s, "s") == t
+
+
+def test_signal_during_recovery_does_not_deadlock(tmp_path: Path) -> None:
+    """A SIGTERM delivered while recover() holds a session's append lock (recording a dead
+    fellow writer as lost) is deferred: the lost writer is recorded, then the trace is marked
+    crashed by the hook, and the process dies by SIGTERM."""
+    proc = run_script(PRE + """
+from walspan import _fsutil
+s = walspan.Store(d)
+t = s.open("s")
+pid = os.fork()
+if pid == 0:
+    walspan.Store(d, install_hooks=False).open("s").start_span("child span")
+    os._exit(0)  # dies attached: no detach
+os.waitpid(pid, 0)
+armed = [1]
+def hook(op, path):
+    if op == "write" and path.endswith(".wal") and armed:
+        armed.clear()
+        os.kill(os.getpid(), signal.SIGTERM)
+_fsutil.faults.hook = hook
+s.recover()
+print("not reached", flush=True)
+""", str(tmp_path))
+    assert proc.returncode == -signal.SIGTERM, proc.stderr
+    s = _store(tmp_path)
+    t = s.load("s")
+    assert (t["status"], t["status_message"]) == ("crashed", "killed by SIGTERM")
+    assert sorted(w["state"] for w in t["writers"]) == ["attached", "lost"]
+    child_span = t["spans"][0]
+    assert (child_span["status"], child_span["status_message"]) == ("interrupted", "writer lost")
+    assert [p["status"] for p in terminal_records(s.wal_path("s"))] == ["crashed"]
