@@ -264,3 +264,17 @@ def recover_in_child(directory: str) -> int:
         return len(store.recover().crashed)
     finally:
         store.close()
+
+
+def dead_writer(directory: str | os.PathLike[str], session: str, n_events: int = 3, **kwargs: Any) -> ForkWriter:
+    """A writer process that attached to `session`, acknowledged n_events events in one open
+    span, and was SIGKILLed without detaching."""
+    w = ForkWriter(os.fspath(directory), session, kwargs.pop("idx", 0), n_events, **kwargs)
+    w.wait_done()
+    w.kill()
+    w.close()
+    return w
+
+
+def attach_records(wal_path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    return [p for t, p in wal_records(wal_path) if t == RecordType.WRITER_ATTACH]
