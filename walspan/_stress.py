@@ -867,14 +867,14 @@ def register(sub: Any) -> None:
     s.add_argument("--json", metavar="FILE", help="write the figures as JSON to FILE")
     s.add_argument("--keep", action="store_true", help="keep the temp directory")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
-    s.set_defaults(func=cmd_stress)
+    s.set_defaults(func=cmd_stress, stress_parser=s)
 
 
 def cmd_stress(args: argparse.Namespace) -> int:
-    from .cli import UsageError
-
+    # Usage errors go through the CLI parser's error(): one line, exit code 2 (see cli._Parser).
+    usage_error = args.stress_parser.error
     if args.sessions > args.writers:
-        raise UsageError(f"--sessions ({args.sessions}) cannot exceed --writers ({args.writers})")
+        usage_error(f"--sessions ({args.sessions}) cannot exceed --writers ({args.writers})")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
     temp = args.dir is None
     if temp:
@@ -882,9 +882,9 @@ def cmd_stress(args: argparse.Namespace) -> int:
     else:
         directory = os.path.abspath(args.dir)
         if os.path.exists(directory) and not os.path.isdir(directory):
-            raise UsageError(f"not a directory: {args.dir}")
+            usage_error(f"not a directory: {args.dir}")
         if os.path.isdir(directory) and any(n.endswith(".wal") for n in os.listdir(directory)):
-            raise UsageError(f"{args.dir} already holds traces; give an empty or new directory")
+            usage_error(f"{args.dir} already holds traces; give an empty or new directory")
     if not args.quiet:
         _progress(
             f"walspan stress: {args.writers} writers, {args.sessions} sessions, {args.duration:g} s, "
