@@ -50,7 +50,13 @@ What a run does
    - fold: the folded trace holds one span per SPAN_START record and one event per SPAN_EVENT
      record before the terminal record, and no span of an ended trace is still open;
    - ``walspan._verify.verify_dir`` (what ``walspan verify`` runs) reports no error;
-   - every writer ended the way its fate says (exit status 0, 1, -SIGTERM or -SIGKILL).
+   - every writer ended the way its fate says (exit status 0, 1, -SIGTERM or -SIGKILL);
+   - the janitor reported no error, and every JSON it read right after compacting parsed
+     (a reader never sees a torn JSON).
+
+Sizes: each writer logs a few MB per second of load, so a trace grows with --duration (a
+600 s run makes multi-GB traces that are folded in memory at the end). For long soaks prefer
+many rounds of the default size: scripts/stress.py --hours N.
 
 Expected status of a session (derived from its writers' fates)
 ---------------------------------------------------------------
@@ -314,10 +320,13 @@ def janitor_main(directory: str, out_fd: int, ctl_fd: int) -> int:
             os.write(out_fd, ("X " + json.dumps(str(exc)) + "\n").encode())
         for sid in store.sessions():
             try:
-                store.compact(sid)
+                path = store.compact(sid)
                 compactions += 1
-            except WalspanError as exc:
-                os.write(out_fd, ("X " + json.dumps(str(exc)) + "\n").encode())
+                # what a reader sees mid-run must always be a whole JSON (old or new, never torn)
+                with open(path, "rb") as fh:
+                    json.loads(fh.read())
+            except (WalspanError, OSError, ValueError) as exc:
+                os.write(out_fd, ("X " + json.dumps(f"{sid}: {exc}") + "\n").encode())
         rounds += 1
         os.write(out_fd, f"N {rounds} {compactions}\n".encode())
         _wait_readable(ctl_fd, 0.2)  # pacing: leave the CPU to the writers between rounds
@@ -487,9 +496,11 @@ def run(
                 if progress:
                     acked = sum(s.acked for s in states)
                     alive = sum(1 for s in states if s.proc.poll() is None)
+                    signalled = sum(1 for s in states if s.signalled_ns)
                     _progress(
                         f"[{now - go:5.1f}s] acked {acked} ({acked / max(now - go, 1e-9):.0f}/s)  "
-                        f"writers alive {alive}/{len(states)}  janitor rounds {jstate.rounds}"
+                        f"writers alive {alive}/{len(states)}  signalled {signalled}  "
+                        f"janitor rounds {jstate.rounds}"
                     )
             if now >= end_at and not pending:
                 break
