@@ -303,3 +303,24 @@ def test_compaction_process_dying_at_each_step_leaves_old_or_new_json(store_dir:
     assert json.loads(new) == store.load("s")
     report = verify_dir(str(store_dir))
     assert report.ok, report.errors
+
+
+@pytest.mark.parametrize("op", ["write", "fsync", "link"])
+def test_failed_wal_creation_leaves_nothing_behind(store_dir: Path, monkeypatch: pytest.MonkeyPatch, op: str) -> None:
+    """An I/O error while creating a session's WAL (tmp write, tmp fsync, link to the final name)
+    reaches store.open() as the OSError with its errno; no WAL and no tmp file is left, so the
+    next open() creates the trace from scratch (invariant 2: a WAL is whole from its first byte)."""
+    store = walspan.Store(store_dir, install_hooks=False)
+    match = (lambda p: p.endswith("new.wal")) if op == "link" else (lambda p: ".wal.tmp-" in p)
+    hook = fail_once(op, match, errno.ENOSPC)
+    monkeypatch.setattr(_fsutil.faults, "hook", hook)
+    with pytest.raises(OSError) as info:
+        store.open("new")
+    assert info.value.errno == errno.ENOSPC and hook.fired
+    monkeypatch.setattr(_fsutil.faults, "hook", None)
+    assert sorted(n for n in os.listdir(store_dir) if not n.startswith(".")) == []
+    trace = store.open("new")
+    trace.start_span("first").end()
+    assert [s["name"] for s in store.load("new")["spans"]] == ["first"]
+    store.close()
+    assert verify_dir(str(store_dir)).ok
