@@ -187,6 +187,15 @@ def run_script(code: str, *args: str, env: dict[str, str] | None = None, input: 
     return proc
 
 
+def run_file(path: str | os.PathLike[str], *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run a script file in a fresh interpreter (needed where "spawn" children import __main__)."""
+    proc = subprocess.run([sys.executable, os.fspath(path), *args], env=script_env(), capture_output=True, text=True,
+                          timeout=WAIT_S * 2)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"script failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
 def spawn_script(code: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     """Start `code` in a fresh interpreter with pipes on stdin/stdout (line protocol)."""
     return subprocess.Popen(
