@@ -344,3 +344,40 @@ def test_corrupt_wal_gives_clear_error_nothing_lost(store: walspan.Store) -> Non
             call("bad")
         assert ei.value.offset == recs[2][0] and str(wal) in str(ei.value)
     assert wal.read_bytes() == bytes(data)
+
+
+def _attached_then_append(directory: str, ready, go, conn) -> None:
+    s = walspan.Store(directory, install_hooks=False)
+    t = s.open("c2")
+    sp = t.start_span("child-span")
+    ready.set()
+    go.wait(TIMEOUT)
+    out = []
+    for name, call in [("start", lambda: t.start_span("late")), ("attrs", lambda: sp.set_attributes({"a": 1})),
+                       ("end-span", lambda: sp.end()), ("end", lambda: t.end())]:
+        try:
+            call()
+            out.append((name, "written"))
+        except TraceClosedError as exc:
+            out.append((name, exc.status))
+    conn.send(out)
+
+
+def test_closed_trace_refuses_appends_from_an_attached_process(tmp_path: Path) -> None:
+    """Invariant 3: a process that attached before the trace ended gets TraceClosedError on its
+    every later append, and nothing is written after the terminal record."""
+    ready, go = CTX.Event(), CTX.Event()
+    rx, tx = CTX.Pipe(duplex=False)
+    p = CTX.Process(target=_attached_then_append, args=(str(tmp_path), ready, go, tx))
+    p.start()
+    assert ready.wait(TIMEOUT)
+    s = walspan.Store(tmp_path, install_hooks=False)
+    s.open("c2").end("completed")
+    before = s.wal_path("c2").read_bytes()
+    go.set()
+    assert rx.poll(TIMEOUT)
+    assert rx.recv() == [("start", "completed"), ("attrs", "completed"), ("end-span", "completed"), ("end", "completed")]
+    p.join(TIMEOUT)
+    assert s.wal_path("c2").read_bytes() == before
+    assert s.load("c2")["spans"][0]["status"] == "interrupted"
+    s.close()
