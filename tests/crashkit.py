@@ -287,3 +287,29 @@ def dead_writer(directory: str | os.PathLike[str], session: str, n_events: int =
 
 def attach_records(wal_path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return [p for t, p in wal_records(wal_path) if t == RecordType.WRITER_ATTACH]
+
+
+def burst_then_exit(directory: str, session: str, n: int, durability: str) -> None:
+    """Child body (M2): a burst of n events, then os._exit(0) at once: no cleanup at all."""
+    store = walspan.Store(directory, durability=durability)
+    span = store.open(session).start_span("burst")
+    for i in range(n):
+        span.add_event("tool call", {"w": 0, "i": i})
+    os._exit(0)
+
+
+def race_to_terminate(directory: str, session: str, action: str, barrier: Any, out: Any) -> None:
+    """Child body (M3): attach, wait at the barrier, then end or crash the trace; report which
+    status this process got recorded ("won") or that it was refused ("refused <status>")."""
+    store = walspan.Store(directory, durability="process", install_hooks=False, max_value_bytes=1 << 22)
+    trace = store.open(session)
+    barrier.wait(WAIT_S)
+    try:
+        if action == "end":
+            trace.end("completed")
+        else:
+            trace.crash("killed at the same moment")
+        out.put((action, "won"))
+    except walspan.TraceClosedError as exc:
+        out.put((action, f"refused {exc.status}"))
+    store.close()

@@ -10,7 +10,7 @@ import walspan
 from crashkit import wal_records
 from walspan._format import RecordType
 
-N_SESSIONS = 300
+N_SESSIONS = 200
 
 
 def _open_fds() -> int:
@@ -18,7 +18,7 @@ def _open_fds() -> int:
 
 
 def test_hundreds_of_open_sessions_keep_descriptors_bounded(tmp_path: Path) -> None:
-    """300 sessions open at once through Store(max_open_files=8), each written to in turn and
+    """200 sessions open at once through Store(max_open_files=8), each written to in turn and
     again after its descriptors were evicted: the process's descriptor count stays bounded
     (4 per cached WAL handle plus a constant, not per session), every append lands, and no
     session is detached or ended by eviction."""
