@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, "-m", "walspan.cli", "stress", run_dir, "--seed", str(seed), "--json", figures, "-q"]
             cmd += passthrough
             print(f"round {n}: seed {seed}", flush=True)
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             try:
                 with open(figures, encoding="utf-8") as fh:
                     figs = json.load(fh)

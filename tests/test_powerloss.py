@@ -35,7 +35,12 @@ from typing import Any
 import pytest
 
 import walspan
-from walspan._format import FILE_HEADER_SIZE, RECORD_HEADER_SIZE, decode_file_header, unpack_payload
+from walspan._format import (
+    FILE_HEADER_SIZE,
+    RECORD_HEADER_SIZE,
+    decode_file_header,
+    unpack_payload,
+)
 from walspan._reader import ScanState, iter_records
 from walspan._verify import verify_dir
 
@@ -305,7 +310,6 @@ def test_process_mode_power_loss_loses_only_what_followed_the_last_fdatasync(tmp
     data = (src / "s.wal").read_bytes()
     records, start_end = tagged_records(src / "s.wal")
     assert {a["synced"] for a in acks[0]} == {start_end}  # never synced after the creation
-    end_of = {tag: end for _o, end, tag in records if tag is not None}
     rng = random.Random(2)
     cuts = [start_end] + sorted(rng.randrange(start_end, len(data) + 1) for _ in range(11))
     for i, cut in enumerate(cuts):
@@ -328,7 +332,7 @@ def test_unsynced_sectors_persisted_out_of_order_are_reported_not_dropped(tmp_pa
     src = tmp_path / "src"
     run_writers(src, "process", n_ops=30)
     data = (src / "s.wal").read_bytes()
-    records, start_end = tagged_records(src / "s.wal")
+    _records, start_end = tagged_records(src / "s.wal")
     hole = (-(-start_end // SECTOR) + 1) * SECTOR  # a whole sector past the trace start
     assert hole + 3 * SECTOR < len(data)
     image = data[:hole] + bytes(SECTOR) + data[hole + SECTOR :]

@@ -22,7 +22,8 @@ from walspan._stress import OP_KEY, Figures, WriterPlan, WriterState, check, mak
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "walspan.cli", "stress", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "walspan.cli", "stress", *args], capture_output=True, text=True, timeout=timeout,
+        check=False,
     )
 
 

@@ -150,10 +150,10 @@ def status_without_terminal_action(fates: list[str]) -> str:
 
 # == the writer process =======================================================================
 
-_WORDS = (
-    "the agent reads the file then runs the tests and fixes the failing assertion in the parser "
-    "while the user asks for a summary of every change made so far including diffs and logs"
-).split()
+_WORDS = [
+    "the", "agent", "reads", "file", "then", "runs", "tests", "and", "fixes", "failing", "assertion",
+    "in", "parser", "while", "user", "asks", "for", "summary", "of", "every", "change", "made", "diff",
+]
 
 
 def _text(rng: random.Random, pool: str, size: int) -> str:
@@ -186,13 +186,9 @@ def writer_main(config_json: str) -> int:
         return 3  # the parent went away before "go"
     go = time.monotonic()
     deadline = go + at if fate in ("end", "close", "exception") else None
-    proc = None
-    try:
-        import psutil
+    import psutil
 
-        proc = psutil.Process()
-    except Exception:  # pragma: no cover - psutil is a dependency; be robust anyway
-        pass
+    proc = psutil.Process()
     op = 0
     last_rss = 0.0
 
@@ -212,7 +208,6 @@ def writer_main(config_json: str) -> int:
             return _text(rng, pool, rng.randrange(64 << 10, 256 << 10))
         return _text(rng, pool, rng.randrange(200, 4000))
 
-    closed = False
     try:
         turn = 0
         while deadline is None or time.monotonic() < deadline:
@@ -220,7 +215,7 @@ def writer_main(config_json: str) -> int:
                 if _readable(ctl_fd):
                     return 3  # the parent ended the run (or died): do not outlive it
                 now = time.monotonic()
-                if proc is not None and now - last_rss > 0.5:
+                if now - last_rss > 0.5:
                     last_rss = now
                     send(f"M {proc.memory_info().rss}")
             turn += 1
@@ -255,8 +250,7 @@ def writer_main(config_json: str) -> int:
                 ack()
             root.end("ok", output={OP_KEY: op, "summary": _text(rng, pool, 300)})
             ack()
-    except TraceClosedError as exc:
-        closed = True
+    except TraceClosedError as exc:  # another writer ended the trace: stop logging, await the fate
         send(f"C {exc.status}")
     # The fate. Signalled writers wait for their signal (the parent closing ctl ends the wait).
     if deadline is None:  # sigkill / sigterm
