@@ -378,6 +378,7 @@ class Figures:
     janitor_compactions: int = 0
     janitor_actions: int = 0
     recover_s: float = 0.0
+    recover_actions: int = 0
     wal_bytes: int = 0
     total_s: float = 0.0
     failures: list[str] = field(default_factory=list)
@@ -642,6 +643,7 @@ def check(directory: str, states: list[WriterState], jstate: _Janitor, figs: Fig
     t0 = time.monotonic()
     report = store.recover()
     figs.recover_s = time.monotonic() - t0
+    figs.recover_actions = len(report.actions)
     for exc in report.corrupt:
         figs.failures.append(f"recover: corrupt WAL: {exc}")
     by_session: dict[str, list[WriterState]] = {}
@@ -795,7 +797,7 @@ def summary_table(f: Figures) -> str:
         ("events/s", f"{f.events_per_s:.0f}"),
         ("peak RSS of a writer", f"{f.peak_writer_rss_mb:.1f} MiB"),
         ("WAL bytes", f"{f.wal_bytes}"),
-        ("writer ends", kills),
+        ("kills / ends by kind", kills),
         ("trace statuses", statuses),
         ("janitor", f"{f.janitor_rounds} recover rounds, {f.janitor_compactions} compactions, {f.janitor_actions} actions"),
         ("lost", f"{f.lost}"),
@@ -808,7 +810,7 @@ def summary_table(f: Figures) -> str:
         ("fold mismatches", f"{f.fold_mismatches}"),
         ("verify errors", f"{f.verify_errors}"),
         ("wrong exits", f"{f.wrong_exits}"),
-        ("time to recover", f"{f.recover_s * 1000:.0f} ms"),
+        ("time to recover", f"{f.recover_s * 1000:.0f} ms ({f.recover_actions} action(s) left for the final recover)"),
         ("total time", f"{f.total_s:.1f} s"),
         ("result", "PASS" if f.ok else f"FAIL ({len(f.failures)} problem(s))"),
     ]
