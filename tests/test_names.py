@@ -157,6 +157,25 @@ def test_modes_0600_files_0700_dirs(tmp_path: Path) -> None:
     assert stat.S_IMODE(os.stat(os.path.join(store.directory, ".walspan")).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(store.wal_path("m")).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    for root, dirs, files in os.walk(store.directory):
+        for d in dirs:
+            assert stat.S_IMODE(os.stat(os.path.join(root, d)).st_mode) == 0o700, d
+        for f in files:
+            assert stat.S_IMODE(os.stat(os.path.join(root, f)).st_mode) == 0o600, f
+    store.close()
+
+
+def test_symlink_at_json_path_is_replaced_not_followed(tmp_path: Path) -> None:
+    """Compaction replaces a symlink planted at the JSON path (tmp + rename) instead of writing
+    through it: the link's target is untouched and the JSON is a regular file."""
+    store = walspan.Store(tmp_path / "s", install_hooks=False)
+    t = store.open("j")
+    target = tmp_path / "target"
+    target.write_bytes(b"precious")
+    os.symlink(target, store.trace_path("j"))
+    path = t.end()
+    assert target.read_bytes() == b"precious"
+    assert not os.path.islink(path) and path.read_bytes().startswith(b"{")
     store.close()
 
 
