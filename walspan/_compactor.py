@@ -19,7 +19,7 @@ from typing import Any
 from . import _fsutil, _locking
 from ._fold import TraceFold, dumps
 from ._format import FILE_HEADER_SIZE, unpack_payload
-from ._reader import ScanState, iter_records, read_header
+from ._reader import ScanState, iter_records, read_header, record_at
 from ._wal import internal_dir
 from .errors import CorruptWALError
 
@@ -34,8 +34,7 @@ def fold_wal(path: str, checkpoint: TraceFold | None = None, upto: int | None = 
     fd = _fsutil.open_file(path, os.O_RDONLY)
     try:
         salt = read_header(fd, path)
-        size = os.fstat(fd).st_size
-        if checkpoint is not None and (checkpoint.salt != salt or checkpoint.offset > size or checkpoint.offset < FILE_HEADER_SIZE):
+        if checkpoint is not None and not _checkpoint_matches(fd, salt, checkpoint):
             checkpoint = None
         if checkpoint is not None:
             try:
@@ -47,12 +46,28 @@ def fold_wal(path: str, checkpoint: TraceFold | None = None, upto: int | None = 
         os.close(fd)
 
 
+def _checkpoint_matches(fd: int, salt: int, cp: TraceFold) -> bool:
+    """Does the WAL hold, whole and intact, the last record the checkpoint folded? If not (another
+    WAL, or a WAL that lost its unsynced tail after the JSON was written), it is no checkpoint."""
+    if cp.salt != salt or cp.last_record < FILE_HEADER_SIZE:
+        return False
+    return record_at(fd, cp.last_record, salt) == (cp.seq, cp.offset)
+
+
+def checkpoint_matches(path: str, cp: TraceFold) -> bool:
+    fd = _fsutil.open_file(path, os.O_RDONLY)
+    try:
+        return _checkpoint_matches(fd, read_header(fd, path), cp)
+    finally:
+        os.close(fd)
+
+
 def _fold_from(fd: int, path: str, salt: int, fold: TraceFold, upto: int | None) -> tuple[TraceFold, ScanState]:
     scan = ScanState(path)
     start = fold.offset if fold.offset >= FILE_HEADER_SIZE else FILE_HEADER_SIZE
     fold.salt = salt
     apply = fold.apply
-    end, seq = start, fold.seq
+    end, seq, last = start, fold.seq, fold.last_record
     for offset, rtype, rseq, payload in iter_records(fd, scan, start=start, start_seq=fold.seq, salt=salt):
         if upto is not None and offset >= upto:
             break
@@ -66,13 +81,23 @@ def _fold_from(fd: int, path: str, salt: int, fold: TraceFold, upto: int | None)
             apply(rtype, body)
         except (KeyError, TypeError, AttributeError) as exc:
             raise CorruptWALError(path, offset, f"record of type {rtype} is malformed: {exc!r}") from None
-        end, seq = scan.end, rseq
-    fold.offset, fold.seq = (scan.end, scan.last_seq) if upto is None else (end, seq)
+        end, seq, last = scan.end, rseq, offset
+    fold.offset, fold.seq, fold.last_record = end, seq, last
     if fold.trace_id is None:
         # The trace start is written atomically with the file (create_wal), so a WAL without a
         # whole one was damaged, not torn by a crash: never fold it into an anonymous trace.
         raise CorruptWALError(path, FILE_HEADER_SIZE, "no trace start record")
     return fold, scan
+
+
+def _sync_wal(wal_path: str) -> None:
+    """fdatasync the WAL before publishing a JSON that reflects it: otherwise, in process mode,
+    a power loss could take back WAL records that a durable JSON still shows."""
+    fd = _fsutil.open_file(wal_path, os.O_RDWR)
+    try:
+        _fsutil.sync_data(fd, wal_path)
+    finally:
+        os.close(fd)
 
 
 def read_json(path: str) -> dict[str, Any] | None:
@@ -105,10 +130,16 @@ def compact(store_dir: str, stem: str) -> tuple[str, bool]:
                 checkpoint = TraceFold.from_dict(existing)
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 log.warning("walspan: %s is not a usable checkpoint (%r); rebuilding it", json_path, exc)
-        old_pos = (checkpoint.salt, checkpoint.seq) if checkpoint is not None else None
+        if checkpoint is not None and not checkpoint_matches(wal_path, checkpoint):
+            # The JSON reflects records this WAL does not hold (another WAL under the same name,
+            # or damage): the WAL is the truth, so the JSON is rebuilt, whatever it claims.
+            log.warning("walspan: %s does not match %s; rebuilding it from the WAL", json_path, wal_path)
+            checkpoint = None
+        old_seq = checkpoint.seq if checkpoint is not None else None
         fold, _scan = fold_wal(wal_path, checkpoint)
-        if old_pos is not None and old_pos[0] == fold.salt and old_pos[1] >= fold.seq:
+        if old_seq is not None and old_seq >= fold.seq:
             return json_path, False  # monotonic: the JSON already reflects at least this much
+        _sync_wal(wal_path)
         data = dumps(fold.to_dict())
         hook = before_rename
         _fsutil.atomic_replace(json_path, data, before_rename=(lambda: hook(json_path)) if hook else None)

@@ -45,8 +45,9 @@ class TraceFold:
         self.open_spans: dict[str, set[str]] = {}  # writer id -> ids of its open spans
         self.writers: dict[str, dict[str, Any]] = {}
         self.anomalies = 0
-        self.offset = 0
-        self.seq = 0
+        self.offset = 0  # end of the last record folded
+        self.seq = 0  # its seq
+        self.last_record = 0  # its start offset (lets a checkpoint be checked against the WAL)
         self.salt = 0
 
     # -- applying records -----------------------------------------------------------------
@@ -211,7 +212,12 @@ class TraceFold:
             "spans": list(self.spans.values()),
             "writers": list(self.writers.values()),
             "anomalies": self.anomalies,
-            "wal": {"offset": self.offset, "seq": self.seq, "salt": f"{self.salt:016x}"},
+            "wal": {
+                "offset": self.offset,
+                "seq": self.seq,
+                "last_record": self.last_record,
+                "salt": f"{self.salt:016x}",
+            },
         }
 
     @classmethod
@@ -235,6 +241,7 @@ class TraceFold:
         f.anomalies = d["anomalies"]
         wal = d["wal"]
         f.offset, f.seq, f.salt = wal["offset"], wal["seq"], int(wal["salt"], 16)
+        f.last_record = wal["last_record"]
         return f
 
 

@@ -173,15 +173,23 @@ def _torn_or_corrupt(fd: int, state: ScanState, offset: int, reason: str, last_s
 
 
 def _valid_at(fd: int, offset: int, salt: int, last_seq: int) -> bool:
+    found = record_at(fd, offset, salt)
+    return found is not None and found[0] == last_seq + 1
+
+
+def record_at(fd: int, offset: int, salt: int) -> tuple[int, int] | None:
+    """(seq, end offset) of the record at `offset` if a whole one with a good checksum is there."""
     head = os.pread(fd, RECORD_HEADER_SIZE, offset)
     if len(head) < RECORD_HEADER_SIZE:
-        return False
+        return None
     crc, length, rtype, flags, seq = _HDR.unpack_from(head, 0)
-    if seq != last_seq + 1 or length > MAX_RECORD_PAYLOAD:
-        return False
+    if length > MAX_RECORD_PAYLOAD:
+        return None
     body = os.pread(fd, length, offset + RECORD_HEADER_SIZE)
     seed = zlib.crc32(_CRC_PART.pack(length, rtype, flags, seq), salt & 0xFFFFFFFF)
-    return len(body) == length and zlib.crc32(body, seed) == crc
+    if len(body) != length or zlib.crc32(body, seed) != crc:
+        return None
+    return seq, offset + RECORD_HEADER_SIZE + length
 
 
 def find_valid_record_after(fd: int, start: int, salt: int, last_seq: int) -> tuple[int, int] | None:
