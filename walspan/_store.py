@@ -17,7 +17,7 @@ from ._format import RecordType, encode_record, pack_payload, unpack_payload
 from ._names import check_session_id, decode_stem, encode_session_id
 from ._values import DEFAULT_MAX_VALUE_BYTES, clean_mapping
 from ._wal import WalHandle, check_durability, create_wal, internal_dir
-from .errors import DurabilityError, SessionNotFoundError, TraceClosedError
+from .errors import DurabilityError, SessionNotFoundError, TraceClosedError, WalspanError
 
 if TYPE_CHECKING:
     from ._recovery import RecoveryReport
@@ -390,6 +390,7 @@ class Store:
         release descriptors. The traces stay open for later writers (idle, not crashed)."""
         with self._lock:
             sessions = [s for s in self._sessions.values() if s.attached_pid == os.getpid()]
+        first_error: BaseException | None = None
         for s in sessions:
             with self._lock:
                 s.refs = 1
@@ -397,6 +398,11 @@ class Store:
                 self._detach(s)
             except TraceClosedError:
                 pass
+            except (WalspanError, OSError) as exc:
+                # Keep going: the descriptors and the liveness lock must be released anyway,
+                # so that recovery can prove this writer gone (its trace then counts as crashed).
+                log.warning("walspan: could not detach from session %r: %s", s.session_id, exc)
+                first_error = first_error or exc
         with self._lock:
             for h in self._handles.values():
                 if not self._handle_users.get(id(h)):
@@ -408,6 +414,8 @@ class Store:
                 self._writer.release()
                 self._writer = None
         _hooks.unhold(self)
+        if first_error is not None:
+            raise first_error
 
     def __enter__(self) -> Store:
         return self
