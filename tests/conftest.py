@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # so tests can `import walfiles`
 
-import walspan  # noqa: E402
+import walspan
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from walfiles import flip_byte, record_offsets
 
 import walspan
-from walfiles import flip_byte, record_offsets
 from walspan.cli import main
 
 
@@ -171,8 +171,8 @@ def test_garbage_wal_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_module_entry_point(tmp_path: Path) -> None:
     """`python -m walspan.cli` runs the CLI: exit codes and a single stderr line, no traceback."""
     _demo(tmp_path)
-    ok = subprocess.run([sys.executable, "-m", "walspan.cli", "ls", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    ok = subprocess.run([sys.executable, "-m", "walspan.cli", "ls", str(tmp_path)], capture_output=True, text=True, timeout=60, check=False)
     assert ok.returncode == 0 and "ses/1" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "walspan.cli", "show", str(tmp_path), "nope"], capture_output=True, text=True, timeout=60)
+    bad = subprocess.run([sys.executable, "-m", "walspan.cli", "show", str(tmp_path), "nope"], capture_output=True, text=True, timeout=60, check=False)
     assert bad.returncode == 1
     _one_error_line(bad.stderr)

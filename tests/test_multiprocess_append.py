@@ -9,9 +9,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from walfiles import flip_byte, record_offsets
 
 import walspan
-from walfiles import flip_byte, record_offsets
 from walspan import _verify
 
 CTX = multiprocessing.get_context("fork")
