@@ -402,3 +402,21 @@ def test_garbage_sectors_at_end_through_the_api(tmp_path: Path, fill: bytes | No
     assert w.read_bytes()[: len(before)] == before
     assert _verify.verify_dir(str(d)).ok and _verify.verify_dir(str(d)).files[0].torn_bytes == 0
     s.close()
+
+
+def test_nonzero_record_flags_refused(tmp_path: Path) -> None:
+    """A record whose reserved flags field is not 0 (with a checksum that covers it, so not
+    damage) is refused as CorruptWALError: this reader cannot know what the flag means."""
+    import struct
+
+    from walspan._format import RECORD_HEADER, record_crc
+
+    body = payload(2)
+    good = build_wal(SALT, [(META, 1, payload(1))])
+    rec = RECORD_HEADER.pack(record_crc(SALT, META, 1, 2, len(body), body), len(body), META, 1, 2) + body
+    p = tmp_path / "flags.wal"
+    p.write_bytes(good + rec)
+    with pytest.raises(CorruptWALError, match="flags") as ei:
+        scan(p)
+    assert ei.value.offset == len(good)
+    assert struct.unpack_from("<H", rec, 10)[0] == 1

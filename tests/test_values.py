@@ -150,3 +150,23 @@ def test_max_value_bytes_validated(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         walspan.Store(tmp_path, max_value_bytes=10)
     assert math.isfinite(walspan.Store(tmp_path, install_hooks=False, max_value_bytes=64).max_value_bytes)
+
+
+def test_cyclic_or_too_deep_value_refused(tmp_path: Path) -> None:
+    """A self-referencing or over-deep value is a ValueError (not a RecursionError) and nothing
+    is written."""
+    store = walspan.Store(tmp_path, install_hooks=False)
+    t = store.open("deep")
+    size = store.wal_path("deep").stat().st_size
+    cyclic: list = []
+    cyclic.append(cyclic)
+    deep: dict = {}
+    cur = deep
+    for _ in range(100):
+        cur["x"] = {}
+        cur = cur["x"]
+    for value in (cyclic, deep):
+        with pytest.raises(ValueError, match="nested"):
+            t.start_span("s", input=value)
+    assert store.wal_path("deep").stat().st_size == size
+    store.close()
