@@ -142,8 +142,6 @@ def test_fdatasync_error_poisons_only_its_session(store_dir: Path, monkeypatch: 
     assert [s["name"] for s in store.load("b")["spans"]] == ["fine"]
 
 
-@pytest.mark.xfail(strict=True, reason="Store.close() re-raises the session's DurabilityError from _detach "
-                   "and stops before releasing descriptors and the writer's liveness lock")
 def test_close_after_fdatasync_error_releases_the_writer(store_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """After a failed fdatasync, Store.close() still releases the process's writer (its liveness
     lock file goes away), so recovery can prove the writer gone instead of seeing it alive until
