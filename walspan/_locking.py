@@ -30,6 +30,9 @@ if os.name == "posix":
             return False
         return True
 
+    def lock_shared(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+
     def unlock(fd: int) -> None:
         fcntl.flock(fd, fcntl.LOCK_UN)
 
@@ -44,6 +47,9 @@ else:  # pragma: no cover - not tested on this platform
         except portalocker.exceptions.LockException:
             return False
         return True
+
+    def lock_shared(fd: int) -> None:
+        portalocker.lock(fd, portalocker.LOCK_SH)
 
     def unlock(fd: int) -> None:
         portalocker.unlock(fd)

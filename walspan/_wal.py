@@ -4,8 +4,8 @@ Files, for a session whose name stem is S (docs/FORMAT.md, "Files"):
 
     S.wal                 the log (header + records), append-only
     .walspan/S.lock       flock'ed around every append: the append lock
-    .walspan/S.shm        64 bytes shared by every process through mmap (below); flock'ed by
-                          the one process running an fdatasync: the flush lock
+    .walspan/S.shm        128 bytes shared by every process through mmap (below); flock'ed
+                          exclusively by the process leading a flush: the flush lock
 
 The shared state lets an append skip re-reading the log and lets writers share fdatasyncs:
 
@@ -15,18 +15,38 @@ The shared state lets an append skip re-reading the log and lets writers share f
     24 last_seq        | its sequence number,                     | append lock; a crash
     32 terminal_off    | offset of the terminal record or 0,      | between the stores leaves
     40 state_crc      /  crc32 of bytes 8..40                     | a bad crc -> full rescan
-    48 durable_end    every byte below it has been fdatasync'ed  | written under the flush
-    56 durable_crc    crc32 of salt (8 bytes) + durable_end      / lock
+    48 durable_end    every byte below it has been fdatasync'ed  | written under the append
+    56 durable_crc    crc32 of salt (8 bytes) + durable_end      / lock, only ever raised
+    64 flush_hint     written_end as read by the flush leader before its fdatasync (a hint)
 
 Readers that do not hold the lock copy a field group in one slice and check its crc, so a
 read racing a store is detected (and treated as "unknown"), never taken for a larger value.
 
-Group commit: after its write, an append needs its record durable. If durable_end already
-covers it, it returns at once. Otherwise it takes the flush lock (a thread lock, then flock),
-looks again, and if still needed reads written_end W, runs one fdatasync, and raises
-durable_end to W: every record that was complete before that fdatasync began is covered, so
-all writers that queued behind the flush return without a flush of their own. durable_end is
-only ever a record boundary, so a torn tail below it means damage to synced data, not a crash.
+Group commit. After its write, an append needs its record (ending at E) durable:
+
+1. durable_end >= E: it returns at once, no flush of its own.
+2. Within a process (threads): if a flush this process has in flight began after E was
+   written (its target >= E), the thread waits for it (a Condition) instead of flushing.
+3. Otherwise one thread per process at a time tries the flush lock without blocking. The
+   leader who gets it reads written_end W, publishes W as flush_hint, runs one fdatasync and
+   raises durable_end to W. A writer who finds the lock taken and flush_hint >= E waits for
+   that flush with a *shared* flock (every such waiter wakes at once when the leader is done,
+   with no hand-off from waiter to waiter), then looks at durable_end again.
+4. A writer whose record the flush in flight does not cover (it was written after that flush
+   began) does not queue behind it: it reads W and runs its own fdatasync at once, beside the
+   leader's. The kernel merges overlapping fdatasyncs of one file into one journal commit, so
+   serialising them here would only add a hand-off per flush.
+
+Why an acknowledged record is durable: an append returns only (a) after observing
+durable_end >= E, or (b) after an fdatasync of its own that began after its record was
+written. durable_end is raised only to a W read before an fdatasync that then succeeded, and
+written_end only counts complete records, so every byte below W was written before that
+fdatasync began and is covered by it. durable_end is raised (never lowered, except by the
+torn-tail repair below) under the append lock, so concurrent raises cannot lose one another.
+flush_hint only decides whether to wait or to flush: a stale or torn value costs a flush or a
+second look, never a wrong acknowledgement. durable_end is only ever a record boundary, so a
+torn tail below it means damage to synced data, not a crash. A failed fdatasync is never
+retried: the handle is marked failed and every later append on it raises DurabilityError.
 """
 
 from __future__ import annotations
@@ -58,7 +78,7 @@ from .errors import CorruptWALError, DurabilityError, TraceClosedError
 
 log = logging.getLogger("walspan")
 
-SHM_SIZE = 64
+SHM_SIZE = 128
 _SHM_MAGIC = b"WSPSHM01"
 _STATE = struct.Struct("<QQQQ")  # salt, written_end, last_seq, terminal_off
 _U64 = struct.Struct("<Q")
@@ -94,7 +114,7 @@ class WalHandle:
         self.durable = durability == DURABLE
         self.pid = os.getpid()
         self._mutex = threading.Lock()  # serialises this process's threads before the flock
-        self._flush_mutex = threading.Lock()
+        self._init_flush_state()
         self._failed: DurabilityError | None = None
         self._closed = False
         self._fds: list[int] = []
@@ -146,8 +166,12 @@ class WalHandle:
         return int(value)
 
     def _set_durable_end(self, value: int) -> None:
+        """Under the append lock only."""
         packed = _U64.pack(value)
         self._shm[48:60] = packed + _U32.pack(zlib.crc32(packed, self._salt_crc))
+
+    def _flush_hint(self) -> int:
+        return int(_U64.unpack(self._shm[64:72])[0])
 
     def _complete_end(self, fallback: int) -> int:
         """written_end read without the append lock, or `fallback` if it cannot be trusted."""
@@ -213,15 +237,12 @@ class WalHandle:
             scan.torn_reason,
         )
         os.ftruncate(self.fd, torn)
-        self._flush(torn, force=True)
-        # durable_end may have counted torn bytes that are gone now: pull it back
-        with self._flush_mutex:
-            _locking.lock(self._shm_fd)
-            try:
-                if self._durable_end() > torn:
-                    self._set_durable_end(torn)
-            finally:
-                _locking.unlock(self._shm_fd)
+        self._sync()  # the truncation must be durable before anything is appended after it
+        # durable_end may have counted torn bytes that are gone now: pull it back (we hold the
+        # append lock, under which durable_end is written; a flush that read its target before
+        # the truncation read at most the old written_end <= torn, so it cannot push it past)
+        if self._durable_end() > torn:
+            self._set_durable_end(torn)
 
     def terminal_info(self, terminal_off: int) -> dict[str, Any]:
         header = os.pread(self.fd, RECORD_HEADER_SIZE, terminal_off)
@@ -243,36 +264,87 @@ class WalHandle:
         return seq, end
 
     def wait_durable(self, end: int) -> None:
+        """Return once every byte below `end` is durable (group commit: see the module doc)."""
         if self._durable_end() >= end:
             return
-        self._flush(end)
+        cv = self._flush_cv
+        with cv:
+            while True:
+                if self._failed is not None:
+                    raise self._failed
+                if self._durable_end() >= end:
+                    return
+                if any(t >= end for t in self._inflight):
+                    cv.wait()  # a flush of this process that covers `end` is running
+                    continue
+                target = self._complete_end(end)
+                leader = not self._probing
+                if leader:
+                    self._probing = True
+                self._inflight.append(target)
+                break
+        try:
+            if leader:
+                self._flush_across_processes(end, target)
+            else:
+                self._sync_and_raise(target)
+        finally:
+            with cv:
+                self._inflight.remove(target)
+                if leader:
+                    self._probing = False
+                cv.notify_all()
 
-    def _flush(self, end: int, force: bool = False) -> None:
-        with self._flush_mutex:
-            if self._failed is not None:
-                raise self._failed
-            if not force and self._durable_end() >= end:
-                return
-            _locking.lock(self._shm_fd)
+    def _flush_across_processes(self, end: int, target: int) -> None:
+        """One thread per process: lead a flush, wait for one in flight, or flush beside it."""
+        if _locking.try_lock(self._shm_fd):
             try:
-                if not force and self._durable_end() >= end:
+                if self._durable_end() >= end:
                     return
                 target = self._complete_end(end)
-                t0 = time.monotonic_ns()
-                try:
-                    _fsutil.sync_data(self.fd, self.path)
-                except OSError as exc:
-                    # Never retry-and-acknowledge: after a failed fdatasync the kernel may have
-                    # dropped the dirty pages and a second call can "succeed" without them.
-                    self._failed = DurabilityError(self.path, "fdatasync", exc)
-                    raise self._failed from exc
-                took = time.monotonic_ns() - t0
-                if took > _SLOW_FSYNC_NS:
-                    log.warning("walspan: slow fdatasync on %s: %.1f ms", self.path, took / 1e6)
+                self._shm[64:72] = _U64.pack(target)
+                self._sync_and_raise(target)
+            finally:
+                _locking.unlock(self._shm_fd)
+            return
+        if self._flush_hint() >= end:
+            _locking.lock_shared(self._shm_fd)  # wakes when the leader is done
+            _locking.unlock(self._shm_fd)
+            if self._durable_end() >= end:
+                return
+            target = self._complete_end(end)  # the leader failed, or the hint was stale
+        self._sync_and_raise(target)
+
+    def _sync_and_raise(self, target: int) -> None:
+        """fdatasync, then raise durable_end to `target` (a written_end read before it)."""
+        self._sync()
+        with self._mutex:
+            _locking.lock(self._lock_fd)
+            try:
                 if self._durable_end() < target:
                     self._set_durable_end(target)
             finally:
-                _locking.unlock(self._shm_fd)
+                _locking.unlock(self._lock_fd)
+
+    def _sync(self) -> None:
+        if self._failed is not None:
+            raise self._failed
+        t0 = time.monotonic_ns()
+        try:
+            _fsutil.sync_data(self.fd, self.path)
+        except OSError as exc:
+            # Never retry-and-acknowledge: after a failed fdatasync the kernel may have
+            # dropped the dirty pages and a second call can "succeed" without them.
+            self._failed = DurabilityError(self.path, "fdatasync", exc)
+            raise self._failed from exc
+        took = time.monotonic_ns() - t0
+        if took > _SLOW_FSYNC_NS:
+            log.warning("walspan: slow fdatasync on %s: %.1f ms", self.path, took / 1e6)
+
+    def _init_flush_state(self) -> None:
+        self._flush_cv = threading.Condition(threading.Lock())
+        self._inflight: list[int] = []  # targets of this process's flushes in flight
+        self._probing = False  # a thread of this process is leading or waiting on the flush lock
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -302,7 +374,7 @@ class WalHandle:
         still owns the flocks through the shared open file descriptions)."""
         self._closed = True
         self._mutex = threading.Lock()
-        self._flush_mutex = threading.Lock()
+        self._init_flush_state()
         self._close_fds()
 
 
