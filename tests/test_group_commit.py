@@ -1,0 +1,366 @@
+"""Group commit in the durable level (walspan/_wal.py, DESIGN.md §4 and invariant 1).
+
+One fdatasync covers every record complete before it began, so a writer whose record is
+already covered (by a flush in flight or just finished) does not issue its own; and no append
+is acknowledged before a flush covering it has succeeded. These tests count the fdatasync calls
+on the WAL through the fault hook (walspan._fsutil.faults, op "fsync") and read the shared
+durable_end mark at the moment each append returns. No timing: the interleavings that matter
+are forced with barriers and events (bounded waits are only a safety net).
+"""
+
+from __future__ import annotations
+
+import errno
+import multiprocessing as mp
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import walspan
+from walspan import _fsutil
+from walspan._compactor import fold_wal
+from walspan._wal import WalHandle
+from walspan.errors import DurabilityError
+
+WAIT = 60  # safety net for every blocking wait, in seconds: never reached when the code is right
+
+
+def _count_wal_fsyncs(wal: str, counter: list[int], lock: threading.Lock, then: Any = None) -> Any:
+    def hook(op: str, path: str) -> None:
+        if op == "fsync" and path == wal:
+            with lock:
+                counter[0] += 1
+            if then is not None:
+                then()
+
+    return hook
+
+
+def _events_per_span(store_dir: Path, session: str) -> dict[str, list[int]]:
+    fold, _scan = fold_wal(str(walspan.Store(store_dir, install_hooks=False, create=False).wal_path(session)))
+    return {s["name"]: [e["attributes"]["n"] for e in s["events"]] for s in fold.spans.values()}
+
+
+# -- threads ------------------------------------------------------------------------------------
+
+
+def test_threads_whose_records_a_flush_covers_do_not_flush(store_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """8 threads write one record each before any of them flushes: exactly one fdatasync
+    acknowledges all 8, and each returns with durable_end at or past its record (invariant 1)."""
+    n = 8
+    store = walspan.Store(store_dir, install_hooks=False)
+    trace = store.open("s")
+    spans = [trace.start_span(f"t{i}") for i in range(n)]
+    wal = str(store.wal_path("s"))
+    counter, lock = [0], threading.Lock()
+    monkeypatch.setattr(_fsutil.faults, "hook", _count_wal_fsyncs(wal, counter, lock))
+
+    written = threading.Barrier(n, timeout=WAIT)
+    armed = threading.local()
+    acks: list[tuple[int, int]] = []
+    original = WalHandle.wait_durable
+
+    def wait_durable(self: WalHandle, end: int) -> None:
+        if getattr(armed, "on", False):
+            armed.on = False
+            written.wait()  # every thread has written its record; nobody has flushed yet
+            original(self, end)
+            with lock:
+                acks.append((end, self._durable_end()))
+            return
+        original(self, end)
+
+    monkeypatch.setattr(WalHandle, "wait_durable", wait_durable)
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            armed.on = True
+            spans[i].add_event("e", {"n": 0})
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT)
+    assert not errors
+    assert counter[0] == 1, f"{counter[0]} fdatasyncs for {n} records written before the first flush"
+    assert len(acks) == n
+    assert all(durable >= end for end, durable in acks), acks
+    trace.close()
+    store.close()
+    assert _events_per_span(store_dir, "s") == {f"t{i}": [0] for i in range(n)}
+
+
+def test_record_written_after_a_flush_began_gets_its_own_flush_without_queueing(
+    store_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record written while a flush is already in flight is not covered by it: its writer
+    runs its own fdatasync at once (it does not wait for the one in flight, which here cannot
+    finish until it has returned) and returns with durable_end past its record."""
+    store = walspan.Store(store_dir, install_hooks=False)
+    trace = store.open("s")
+    first, second = trace.start_span("first"), trace.start_span("second")
+    wal = str(store.wal_path("s"))
+    counter, lock = [0], threading.Lock()
+    flushing, second_done = threading.Event(), threading.Event()
+    stalled = threading.local()
+
+    def then() -> None:
+        if getattr(stalled, "on", False):
+            stalled.on = False
+            flushing.set()
+            assert second_done.wait(WAIT), "the second writer queued behind a flush that did not cover it"
+
+    monkeypatch.setattr(_fsutil.faults, "hook", _count_wal_fsyncs(wal, counter, lock, then))
+    errors: list[BaseException] = []
+
+    def run_first() -> None:
+        try:
+            stalled.on = True
+            first.add_event("e", {"n": 0})
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=run_first)
+    t.start()
+    assert flushing.wait(WAIT)
+    h = store._acquire_handle(store._session("s").stem)
+    try:
+        second.add_event("e", {"n": 0})  # written after the first flush read its target
+        end = os.path.getsize(wal)
+        assert h._durable_end() >= end
+    finally:
+        store._release_handle(h)
+    second_done.set()
+    t.join(WAIT)
+    assert not errors
+    assert counter[0] == 2
+    trace.close()
+    store.close()
+    assert _events_per_span(store_dir, "s") == {"first": [0], "second": [0]}
+
+
+def test_a_failed_flush_is_not_acknowledged_to_the_threads_it_covered(
+    store_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the fdatasync that covers several threads' records fails (EIO), every one of those
+    appends raises DurabilityError: none is acknowledged, and the failed flush is not retried."""
+    n = 4
+    store = walspan.Store(store_dir, install_hooks=False)
+    trace = store.open("s")
+    spans = [trace.start_span(f"t{i}") for i in range(n)]
+    wal = str(store.wal_path("s"))
+    calls = [0]
+
+    def hook(op: str, path: str) -> None:
+        if op == "fsync" and path == wal:
+            calls[0] += 1
+            raise OSError(errno.EIO, "injected EIO")
+
+    monkeypatch.setattr(_fsutil.faults, "hook", hook)
+    written = threading.Barrier(n, timeout=WAIT)
+    armed = threading.local()
+    original = WalHandle.wait_durable
+
+    def wait_durable(self: WalHandle, end: int) -> None:
+        if getattr(armed, "on", False):
+            armed.on = False
+            written.wait()
+        original(self, end)
+
+    monkeypatch.setattr(WalHandle, "wait_durable", wait_durable)
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def run(i: int) -> None:
+        armed.on = True
+        try:
+            spans[i].add_event("e", {"n": 0})
+            result = "acknowledged"
+        except DurabilityError:
+            result = "DurabilityError"
+        with lock:
+            outcomes.append(result)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT)
+    assert outcomes == ["DurabilityError"] * n
+    assert calls[0] == 1, "a failed fdatasync was retried"
+    monkeypatch.setattr(_fsutil.faults, "hook", None)
+    with pytest.raises(DurabilityError):
+        spans[0].add_event("e", {"n": 1})  # the session stays failed
+
+
+def test_free_running_threads_every_acknowledged_append_is_covered(
+    store_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """8 threads append 40 events each with no coordination: every append returns with
+    durable_end at or past the end of its record, there is at most one fdatasync per append,
+    and every acknowledged event is in the WAL, in order per thread."""
+    n, per = 8, 40
+    store = walspan.Store(store_dir, install_hooks=False)
+    trace = store.open("s")
+    spans = [trace.start_span(f"t{i}") for i in range(n)]
+    wal = str(store.wal_path("s"))
+    counter, lock = [0], threading.Lock()
+    monkeypatch.setattr(_fsutil.faults, "hook", _count_wal_fsyncs(wal, counter, lock))
+    uncovered: list[tuple[int, int]] = []
+    original = WalHandle.append
+
+    def append(self: WalHandle, rtype: int, payload: dict[str, Any], session_id: str) -> tuple[int, int]:
+        seq, end = original(self, rtype, payload, session_id)
+        durable = self._durable_end()
+        if durable < end:
+            uncovered.append((end, durable))
+        return seq, end
+
+    monkeypatch.setattr(WalHandle, "append", append)
+    start = threading.Barrier(n, timeout=WAIT)
+
+    def run(i: int) -> None:
+        start.wait()
+        for k in range(per):
+            spans[i].add_event("e", {"n": k})
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT)
+    assert uncovered == []
+    assert 1 <= counter[0] <= n * per
+    trace.close()
+    store.close()
+    assert _events_per_span(store_dir, "s") == {f"t{i}": list(range(per)) for i in range(n)}
+
+
+# -- processes ----------------------------------------------------------------------------------
+
+
+def _leader_and_followers(store_dir: str, i: int, ready: Any, written: Any, leader_flushing: Any, out: Any) -> None:
+    """One writer process: append one event; process 0 flushes first, the others only once the
+    leader's flush has begun (their records were all written before it did)."""
+    try:
+        store = walspan.Store(store_dir, install_hooks=False)
+        trace = store.open("s")
+        span = trace.start_span(f"p{i}")
+        wal = str(store.wal_path("s"))
+        fsyncs = [0]
+        armed = [False]
+
+        def hook(op: str, path: str) -> None:
+            if op == "fsync" and path == wal and armed[0]:
+                fsyncs[0] += 1
+                leader_flushing.set()
+
+        _fsutil.faults.hook = hook
+        original = WalHandle.wait_durable
+        acks: list[tuple[int, int]] = []
+
+        def wait_durable(self: WalHandle, end: int) -> None:
+            if not armed[0]:
+                armed[0] = True
+                written.wait(WAIT)  # every process has written its record
+                if i != 0:
+                    assert leader_flushing.wait(WAIT)
+            original(self, end)
+            acks.append((end, self._durable_end()))
+
+        WalHandle.wait_durable = wait_durable  # type: ignore[method-assign]
+        ready.wait(WAIT)  # every process is set up: no setup flush can cover the records below
+        span.add_event("e", {"n": 0})
+        WalHandle.wait_durable = original  # type: ignore[method-assign]
+        _fsutil.faults.hook = None
+        trace.close()
+        store.close()
+        out.put(("ok", i, fsyncs[0], acks))
+    except BaseException as exc:  # pragma: no cover - reported by the test
+        out.put(("error", i, repr(exc), []))
+
+
+def test_processes_whose_records_a_flush_in_flight_covers_do_not_flush(store_dir: Path) -> None:
+    """8 processes write one record each; one of them then flushes, and the other 7, finding
+    that flush in flight (or done) and covering their records, issue no fdatasync of their own:
+    exactly one fdatasync acknowledges all 8 appends, each with durable_end past its record."""
+    n = 8
+    walspan.Store(store_dir, install_hooks=False).open("s").close()
+    ctx = mp.get_context("fork")
+    ready, written, leader_flushing, out = ctx.Barrier(n), ctx.Barrier(n), ctx.Event(), ctx.Queue()
+    procs = [
+        ctx.Process(target=_leader_and_followers, args=(str(store_dir), i, ready, written, leader_flushing, out))
+        for i in range(n)
+    ]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=WAIT) for _ in range(n)]
+    for p in procs:
+        p.join(WAIT)
+    assert [r for r in results if r[0] != "ok"] == []
+    assert sum(r[2] for r in results) == 1, [(r[1], r[2]) for r in results]
+    for r in results:
+        assert len(r[3]) == 1 and r[3][0][1] >= r[3][0][0], r
+    assert _events_per_span(store_dir, "s") == {f"p{i}": [0] for i in range(n)}
+
+
+def _free_writer(store_dir: str, i: int, per: int, start: Any, out: Any) -> None:
+    try:
+        store = walspan.Store(store_dir, install_hooks=False)
+        trace = store.open("s")
+        span = trace.start_span(f"p{i}")
+        wal = str(store.wal_path("s"))
+        fsyncs = [0]
+
+        def hook(op: str, path: str) -> None:
+            if op == "fsync" and path == wal:
+                fsyncs[0] += 1
+
+        original = WalHandle.append
+        uncovered: list[tuple[int, int]] = []
+
+        def append(self: WalHandle, rtype: int, payload: dict[str, Any], session_id: str) -> tuple[int, int]:
+            seq, end = original(self, rtype, payload, session_id)
+            durable = self._durable_end()
+            if durable < end:
+                uncovered.append((end, durable))
+            return seq, end
+
+        WalHandle.append = append  # type: ignore[method-assign]
+        start.wait(WAIT)
+        _fsutil.faults.hook = hook
+        for k in range(per):
+            span.add_event("e", {"n": k})
+        _fsutil.faults.hook = None
+        trace.close()
+        store.close()
+        out.put(("ok", i, fsyncs[0], uncovered))
+    except BaseException as exc:  # pragma: no cover - reported by the test
+        out.put(("error", i, repr(exc), []))
+
+
+def test_free_running_processes_every_acknowledged_append_is_covered(store_dir: Path) -> None:
+    """8 processes append 25 events each to one session with no coordination: every append
+    returns with durable_end at or past its record, there is at most one fdatasync per append,
+    and every acknowledged event is in the WAL, in order per process."""
+    n, per = 8, 25
+    walspan.Store(store_dir, install_hooks=False).open("s").close()
+    ctx = mp.get_context("fork")
+    start, out = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_free_writer, args=(str(store_dir), i, per, start, out)) for i in range(n)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=WAIT) for _ in range(n)]
+    for p in procs:
+        p.join(WAIT)
+    assert [r for r in results if r[0] != "ok"] == []
+    assert all(r[3] == [] for r in results), [r[3] for r in results if r[3]]
+    assert 1 <= sum(r[2] for r in results) <= n * per
+    assert _events_per_span(store_dir, "s") == {f"p{i}": list(range(per)) for i in range(n)}
