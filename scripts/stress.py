@@ -55,12 +55,14 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.log, "a", encoding="utf-8") as log:
                 log.write(json.dumps(figs, sort_keys=True) + "\n")
             if proc.returncode != 0 or not figs.get("ok"):
-                keep = tempfile.mkdtemp(prefix="walspan-soak-failed-")
+                where = "nothing to keep"
                 if os.path.isdir(run_dir):
+                    keep = tempfile.mkdtemp(prefix="walspan-soak-failed-")
                     os.rename(run_dir, os.path.join(keep, "traces"))
+                    where = f"directory kept in {keep}"
                 sys.stdout.write(proc.stdout)
                 sys.stderr.write(proc.stderr)
-                print(f"round {n} FAILED (exit {proc.returncode}); seed {seed}; directory kept in {keep}")
+                print(f"round {n} FAILED (exit {proc.returncode}); seed {seed}; {where}")
                 return 1
             totals["rounds"] += 1
             totals["events_acknowledged"] += int(figs.get("events_acknowledged", 0))

@@ -170,3 +170,34 @@ def test_refuses_a_directory_holding_traces(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "already holds traces" in proc.stderr
     assert sorted(os.listdir(d)) == before
+
+
+SOAK = Path(__file__).resolve().parent.parent / "scripts" / "stress.py"
+
+
+def test_soak_script_runs_rounds_and_logs_figures(tmp_path: Path) -> None:
+    """scripts/stress.py runs the requested rounds with consecutive seeds, logs each round's
+    figures as a JSON line, and exits 0 when every round passed."""
+    log = tmp_path / "soak.jsonl"
+    proc = subprocess.run(
+        [sys.executable, str(SOAK), "--rounds", "2", "--seed", "40", "--log", str(log),
+         "--duration", "1", "--writers", "2", "--sessions", "1"],
+        capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rounds = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["round"], r["seed"], r["ok"], r["writers"]) for r in rounds] == [(1, 40, True, 2), (2, 41, True, 2)]
+    assert "2 round(s) passed" in proc.stdout
+
+
+def test_soak_script_stops_at_the_first_failing_round(tmp_path: Path) -> None:
+    """A round that fails (here: walspan stress refuses its arguments) stops the soak at once
+    with a non-zero exit, naming the seed; no further round runs."""
+    log = tmp_path / "soak.jsonl"
+    proc = subprocess.run(
+        [sys.executable, str(SOAK), "--rounds", "3", "--seed", "7", "--log", str(log), "--writers", "0"],
+        capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path,
+    )
+    assert proc.returncode == 1
+    assert "round 1 FAILED" in proc.stdout and "seed 7" in proc.stdout
+    assert [json.loads(line)["ok"] for line in log.read_text().splitlines()] == [False]
