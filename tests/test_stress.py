@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 import walspan
-from walspan import _stress
 from walspan._stress import OP_KEY, Figures, WriterPlan, WriterState, check, make_plan
 
 
@@ -113,7 +112,7 @@ def test_checker_counts_acknowledged_events_missing_from_the_wal(tmp_path: Path,
     fails the run; when acks and WAL agree, nothing is reported."""
     directory, wid = _fake_writer_dir(tmp_path, 5)
     figs = _figs()
-    check(directory, [_state(wid, claimed)], _stress._Janitor(-1, -1), figs)
+    check(directory, [_state(wid, claimed)], figs)
     assert figs.lost == lost
     assert figs.ok is (lost == 0)
     assert figs.statuses == {"completed": 1}
@@ -124,7 +123,7 @@ def test_checker_counts_duplicates_and_holes(tmp_path: Path) -> None:
     """An op present twice in a writer's records counts as a duplicate and breaks its prefix."""
     directory, wid = _fake_writer_dir(tmp_path, 5, duplicate=True)
     figs = _figs()
-    check(directory, [_state(wid, 5)], _stress._Janitor(-1, -1), figs)
+    check(directory, [_state(wid, 5)], figs)
     assert (figs.duplicates, figs.holes, figs.lost) == (1, 1, 0)
     assert not figs.ok
 
@@ -136,7 +135,7 @@ def test_checker_flags_a_status_that_does_not_match_the_fates(tmp_path: Path) ->
     st = _state(wid, 3)
     st.plan.fate, st.performed, st.end_ok, st.signalled_ns = "sigkill", True, False, 1
     figs = _figs()
-    check(directory, [st], _stress._Janitor(-1, -1), figs)
+    check(directory, [st], figs)
     assert figs.wrong_statuses == 1
     assert not figs.ok
 

@@ -32,7 +32,9 @@ What a run does
    acknowledged op as it happens. When an append is refused (TraceClosedError: another writer
    ended the trace), the writer stops logging and waits for its fate.
 
-3. Meanwhile a janitor process runs ``Store.recover()`` and compacts every session in a loop.
+3. Meanwhile a janitor process runs ``Store.recover()`` and compacts every session in a loop;
+   it is itself SIGKILLed at random moments (once per 5 s of load, at least once) and
+   restarted, so recovery and compaction get killed mid-way too.
 
 4. After the load phase and every writer's death, the parent runs ``recover()`` (timed), compacts,
    and checks, per writer and per session:
@@ -377,6 +379,7 @@ class Figures:
     janitor_rounds: int = 0
     janitor_compactions: int = 0
     janitor_actions: int = 0
+    janitor_kills: int = 0
     recover_s: float = 0.0
     recover_actions: int = 0
     wal_bytes: int = 0
@@ -422,7 +425,7 @@ def run(
     os.makedirs(logs, exist_ok=True)
     states: list[WriterState] = []
     sel = selectors.DefaultSelector()
-    janitor = None
+    janitors: list[tuple[subprocess.Popen[bytes], _Janitor]] = []
     try:
         for p in plans:
             ack_r, ack_w = os.pipe()
@@ -451,18 +454,28 @@ def run(
                 figs.failures.append(f"writer {s.plan.index} never attached (rc {s.proc.poll()})")
         if figs.failures:
             return figs
-        j_out_r, j_out_w = os.pipe()
-        j_ctl_r, j_ctl_w = os.pipe()
-        with open(os.path.join(logs, "janitor.log"), "wb") as log_file:
-            janitor = subprocess.Popen(
-                [sys.executable, "-c", _JANITOR_CMD, directory, str(j_out_w), str(j_ctl_r)],
-                pass_fds=(j_out_w, j_ctl_r), env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-            )
-        os.close(j_out_w)
-        os.close(j_ctl_r)
-        os.set_blocking(j_out_r, False)
-        jstate = _Janitor(j_out_r, j_ctl_w)
-        sel.register(j_out_r, selectors.EVENT_READ, jstate)
+        def start_janitor() -> _Janitor:
+            j_out_r, j_out_w = os.pipe()
+            j_ctl_r, j_ctl_w = os.pipe()
+            with open(os.path.join(logs, f"janitor-{len(janitors)}.log"), "wb") as log_file:
+                proc = subprocess.Popen(
+                    [sys.executable, "-c", _JANITOR_CMD, directory, str(j_out_w), str(j_ctl_r)],
+                    pass_fds=(j_out_w, j_ctl_r), env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                )
+            os.close(j_out_w)
+            os.close(j_ctl_r)
+            os.set_blocking(j_out_r, False)
+            state = _Janitor(j_out_r, j_ctl_w)
+            janitors.append((proc, state))
+            sel.register(j_out_r, selectors.EVENT_READ, state)
+            return state
+
+        jstate = start_janitor()
+        # the janitor itself is SIGKILLed at random moments (mid-recovery, mid-compaction) and
+        # restarted: recovery and compaction must be as crash-safe as the writers
+        jrng = random.Random(seed ^ 0x5EED)
+        janitor_kills = sorted(jrng.uniform(0.1, 0.9) * duration for _ in range(max(1, int(duration // 5))))
+        figs.janitor_kills = len(janitor_kills)
 
         # -- load phase ------------------------------------------------------------------
         go = time.monotonic()
@@ -482,6 +495,11 @@ def run(
                     s.proc.send_signal(sig)
                 except ProcessLookupError:  # pragma: no cover - it died on its own: rc check reports it
                     pass
+            while janitor_kills and go + janitor_kills[0] <= now:
+                janitor_kills.pop(0)
+                janitors[-1][0].kill()
+                janitors[-1][0].wait()
+                jstate = start_janitor()
             if now >= next_tick:
                 next_tick += 1.0
                 if progress:
@@ -491,11 +509,16 @@ def run(
                     _progress(
                         f"[{now - go:5.1f}s] acked {acked} ({acked / max(now - go, 1e-9):.0f}/s)  "
                         f"writers alive {alive}/{len(states)}  signalled {signalled}  "
-                        f"janitor rounds {jstate.rounds}"
+                        f"janitor rounds {sum(j.rounds for _p, j in janitors)}"
                     )
             if now >= end_at and not pending:
                 break
-            wait = min(next_tick, end_at, go + pending[0].plan.at if pending else end_at) - now
+            wait = min(
+                next_tick,
+                end_at,
+                go + pending[0].plan.at if pending else end_at,
+                go + janitor_kills[0] if janitor_kills else end_at,
+            ) - now
             _pump(sel, max(0.0, wait), figs)
         load_s = time.monotonic() - go
 
@@ -511,13 +534,15 @@ def run(
                 s.proc.kill()
                 s.rc = s.proc.wait()
         os.write(jstate.ctl_w, b"s")
-        while not jstate.eof:
+        while not all(j.eof for _p, j in janitors):
             _pump(sel, 1.0, figs)
-        if janitor.wait(timeout=_WAIT_EXIT_S) != 0:
-            figs.failures.append(f"janitor exited with status {janitor.returncode}")
-        figs.janitor_rounds, figs.janitor_compactions = jstate.rounds, jstate.compactions
-        figs.janitor_actions = len(jstate.actions)
-        figs.failures.extend(f"janitor: {m}" for m in jstate.errors)
+        last = janitors[-1][0]
+        if last.wait(timeout=_WAIT_EXIT_S) != 0:
+            figs.failures.append(f"janitor exited with status {last.returncode}")
+        figs.janitor_rounds = sum(j.rounds for _p, j in janitors)
+        figs.janitor_compactions = sum(j.compactions for _p, j in janitors)
+        figs.janitor_actions = sum(len(j.actions) for _p, j in janitors)
+        figs.failures.extend(f"janitor: {m}" for _p, j in janitors for m in j.errors)
         figs.events_acknowledged = sum(s.acked for s in states)
         figs.events_per_s = figs.events_acknowledged / load_s if load_s > 0 else 0.0
         figs.peak_writer_rss_mb = max((s.rss_peak for s in states), default=0) / (1 << 20)
@@ -529,7 +554,7 @@ def run(
                 figs.failures.append(f"writer {s.plan.index}: {m}")
 
         # -- recover, then verify ---------------------------------------------------------
-        check(directory, states, jstate, figs)
+        check(directory, states, figs)
     finally:
         for s in states:
             if s.proc.poll() is None:
@@ -540,9 +565,15 @@ def run(
                     os.close(fd)
                 except OSError:
                     pass
-        if janitor is not None and janitor.poll() is None:
-            janitor.kill()
-            janitor.wait()
+        for jproc, j in janitors:
+            if jproc.poll() is None:
+                jproc.kill()
+                jproc.wait()
+            for fd in (j.out_r, j.ctl_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
         sel.close()
         figs.total_s = time.monotonic() - t_start
     return figs
@@ -629,7 +660,7 @@ def _op_of(rtype: int, p: dict[str, Any]) -> int | None:
     return v if isinstance(v, int) else None
 
 
-def check(directory: str, states: list[WriterState], jstate: _Janitor, figs: Figures) -> None:
+def check(directory: str, states: list[WriterState], figs: Figures) -> None:
     """Recover the directory, then run every check of the module docstring into `figs`."""
     from ._compactor import read_json
     from ._format import RecordType as T
@@ -799,7 +830,13 @@ def summary_table(f: Figures) -> str:
         ("WAL bytes", f"{f.wal_bytes}"),
         ("kills / ends by kind", kills),
         ("trace statuses", statuses),
-        ("janitor", f"{f.janitor_rounds} recover rounds, {f.janitor_compactions} compactions, {f.janitor_actions} actions"),
+        (
+            "janitor",
+            (
+                f"{f.janitor_rounds} recover rounds, {f.janitor_compactions} compactions, "
+                f"{f.janitor_actions} actions, SIGKILLed {f.janitor_kills}x"
+            ),
+        ),
         ("lost", f"{f.lost}"),
         ("duplicates", f"{f.duplicates}"),
         ("holes", f"{f.holes}"),
