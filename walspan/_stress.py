@@ -213,13 +213,12 @@ def writer_main(config_json: str) -> int:
     try:
         turn = 0
         while deadline is None or time.monotonic() < deadline:
-            if op % 32 == 0:
-                if _readable(ctl_fd):
-                    return 3  # the parent ended the run (or died): do not outlive it
-                now = time.monotonic()
-                if now - last_rss > 0.5:
-                    last_rss = now
-                    send(f"M {proc.memory_info().rss}")
+            if _readable(ctl_fd):  # once per turn (~3-20 ops)
+                return 3  # the parent ended the run (or died): do not outlive it
+            now = time.monotonic()
+            if now - last_rss > 0.5:
+                last_rss = now
+                send(f"M {proc.memory_info().rss}")
             turn += 1
             root = trace.start_span(
                 "turn", kind="agent", parent=None, attributes=tag({"turn": turn, "writer": index}), input=big(0.01)
