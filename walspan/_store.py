@@ -131,9 +131,9 @@ class Store:
 
     def _process_writer(self) -> _liveness.ProcessWriter:
         with self._lock:
+            if self.install_hooks:
+                _hooks.install()  # cheap once done; signal handlers wait for a main-thread attach
             if self._writer is None or self._writer.pid != os.getpid():
-                if self.install_hooks:
-                    _hooks.install()
                 _hooks.register_exit_finalizer(_hooks.detach_all)
                 self._writer = _liveness.ProcessWriter(self._internal)
             return self._writer
