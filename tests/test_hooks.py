@@ -305,3 +305,25 @@ print("not reached", flush=True)
     child_span = t["spans"][0]
     assert (child_span["status"], child_span["status_message"]) == ("interrupted", "writer lost")
     assert [p["status"] for p in terminal_records(s.wal_path("s"))] == ["crashed"]
+
+
+def test_signal_hooks_installed_at_the_first_main_thread_attach(tmp_path: Path) -> None:
+    """When a process's first writer attaches in a worker thread (where Python forbids
+    signal.signal), the signal handlers are installed at the first attach from the main thread,
+    so a later SIGTERM still marks the traces crashed."""
+    proc = spawn_script(PRE + """
+store = walspan.Store(d)
+th = threading.Thread(target=store.open, args=("from thread",))
+th.start(); th.join()
+before = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+store.open("from main")
+print("ready", before, signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, flush=True)
+sys.stdin.read()
+""", str(tmp_path))
+    assert expect_line(proc, "ready") == "ready True True"
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM
+    s = _store(tmp_path)
+    for sid in ("from thread", "from main"):
+        assert s.load(sid)["status"] == "crashed"

@@ -87,10 +87,14 @@ def _is_busy() -> bool:
 # -- installation -------------------------------------------------------------------------
 
 
+_signals_installed = False
+
+
 def install() -> None:
     global _installed
     with _install_lock:
         if _installed:
+            _install_signal_handlers()  # first attach was in another thread: retry from main
             return
         _installed = True
         previous_excepthook = sys.excepthook
@@ -110,18 +114,29 @@ def install() -> None:
 
         threading.excepthook = threadhook
         _register_atexit()
-        if threading.current_thread() is threading.main_thread():
-            for signum in HANDLED_SIGNALS:
-                try:
-                    prev = signal.getsignal(signum)
-                    if prev is signal.SIG_IGN or prev is None:
-                        continue  # ignored (or set from C): not ours to change
-                    _previous[signum] = prev
-                    signal.signal(signum, _on_signal)
-                except (ValueError, OSError):  # pragma: no cover - e.g. not the main interpreter
-                    pass
-        else:
-            log.debug("walspan: first writer attached outside the main thread; signal hooks not installed")
+        _install_signal_handlers()
+
+
+def _install_signal_handlers() -> None:
+    """Once, and only from the main thread (Python allows signal.signal nowhere else); a
+    process whose first writer attaches in another thread gets them at its first main-thread
+    attach."""
+    global _signals_installed
+    if _signals_installed:
+        return
+    if threading.current_thread() is not threading.main_thread():
+        log.debug("walspan: writer attached outside the main thread; signal hooks deferred")
+        return
+    _signals_installed = True
+    for signum in HANDLED_SIGNALS:
+        try:
+            prev = signal.getsignal(signum)
+            if prev is signal.SIG_IGN or prev is None:
+                continue  # ignored (or set from C): not ours to change
+            _previous[signum] = prev
+            signal.signal(signum, _on_signal)
+        except (ValueError, OSError):  # pragma: no cover - e.g. not the main interpreter
+            pass
 
 
 def _end_all(message: str, thread: int | None, error: BaseException) -> None:
