@@ -145,4 +145,9 @@ def compact(store_dir: str, stem: str) -> tuple[str, bool]:
         _fsutil.atomic_replace(json_path, data, before_rename=(lambda: hook(json_path)) if hook else None)
         return json_path, True
     finally:
-        os.close(lock_fd)  # closing the only descriptor releases the flock
+        # Unlock explicitly: a fork() child (another thread forked meanwhile) holds a copy of
+        # this descriptor, and closing ours alone would leave the lock held for its lifetime.
+        try:
+            _locking.unlock(lock_fd)
+        finally:
+            os.close(lock_fd)
