@@ -285,3 +285,48 @@ def test_multiprocessing_child_terminated_by_its_parent(tmp_path: Path, parent_a
             assert (t["status"], t["status_message"]) == ("crashed", "killed by SIGTERM")
     finally:
         store.close()
+
+
+def test_fork_during_a_compaction_does_not_keep_the_compaction_lock(tmp_path: Path) -> None:
+    """fork() while another thread is compacting: the long-lived child inherits a copy of the
+    compaction lock's descriptor; once the parent's compaction is done the lock must be free
+    (released explicitly, not by a close that the child's copy would defeat), so the parent's
+    next compaction and trace.end() complete while the child still lives."""
+    proc = run_script("""
+import os, signal, sys, threading
+import walspan
+from walspan import _compactor
+store = walspan.Store(sys.argv[1], install_hooks=False)
+t = store.open("s")
+t.start_span("x").end()
+inside, go = threading.Event(), threading.Event()
+def hook(path):
+    if threading.current_thread() is not threading.main_thread() and not inside.is_set():
+        inside.set()
+        go.wait(60)
+_compactor.before_rename = hook
+th = threading.Thread(target=store.compact, args=("s",))
+th.start()
+inside.wait(60)
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.close(w)
+    os.read(r, 1)  # a long-lived child (a pool worker): lives until the parent closes the pipe
+    os._exit(0)
+os.close(r)
+go.set()
+th.join()
+signal.alarm(30)  # a lock held by the child would hang here: fail instead
+t.start_span("y").end()
+t.end()
+print("ended while the child lives", flush=True)
+os.close(w)
+os.waitpid(pid, 0)
+""", str(tmp_path), check=True)
+    assert "ended while the child lives" in proc.stdout
+    store = walspan.Store(tmp_path, install_hooks=False)
+    try:
+        assert store.load("s")["status"] == "completed"
+    finally:
+        store.close()
