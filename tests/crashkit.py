@@ -78,15 +78,36 @@ def ack_writer(
 class ForkWriter:
     """One ack_writer in a forked child, with the parent's end of its pipe."""
 
-    def __init__(self, directory: str, session: str, idx: int, n_events: int, *, durability: str = "process",
-                 pad: int = 0, hold: bool = True, parent: str | None = None,
-                 hooks: bool = False) -> None:
+    def __init__(
+        self,
+        directory: str,
+        session: str,
+        idx: int,
+        n_events: int,
+        *,
+        durability: str = "process",
+        pad: int = 0,
+        hold: bool = True,
+        parent: str | None = None,
+        hooks: bool = False,
+    ) -> None:
         self.idx = idx
         self.n_events = n_events
         self.conn, child_conn = FORK.Pipe(duplex=True)
         self.proc = FORK.Process(
             target=ack_writer,
-            args=(child_conn, str(directory), session, idx, n_events, durability, pad, hold, parent, hooks),
+            args=(
+                child_conn,
+                str(directory),
+                session,
+                idx,
+                n_events,
+                durability,
+                pad,
+                hold,
+                parent,
+                hooks,
+            ),
             daemon=True,
         )
         self.proc.start()
@@ -171,8 +192,13 @@ def script_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def run_script(code: str, *args: str, env: dict[str, str] | None = None, input: str | None = None,
-               check: bool = False) -> subprocess.CompletedProcess[str]:
+def run_script(
+    code: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+    input: str | None = None,
+    check: bool = False,
+) -> subprocess.CompletedProcess[str]:
     """Run `code` in a fresh interpreter (sys.argv[1:] = args) and wait for it."""
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code), *args],
@@ -181,6 +207,7 @@ def run_script(code: str, *args: str, env: dict[str, str] | None = None, input: 
         capture_output=True,
         text=True,
         timeout=WAIT_S * 2,
+        check=False,  # the caller asserts on the outcome (a crash is often the point)
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"script failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -189,8 +216,14 @@ def run_script(code: str, *args: str, env: dict[str, str] | None = None, input: 
 
 def run_file(path: str | os.PathLike[str], *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
     """Run a script file in a fresh interpreter (needed where "spawn" children import __main__)."""
-    proc = subprocess.run([sys.executable, os.fspath(path), *args], env=script_env(), capture_output=True, text=True,
-                          timeout=WAIT_S * 2)
+    proc = subprocess.run(
+        [sys.executable, os.fspath(path), *args],
+        env=script_env(),
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S * 2,
+        check=False,  # the caller asserts on the outcome
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"script failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

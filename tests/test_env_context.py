@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from crashkit import run_script
 
 import walspan
-from crashkit import run_script
 
 CHILD = """
 import os, sys
@@ -50,7 +50,9 @@ def test_child_joins_the_trace_under_the_handed_over_span(store: walspan.Store) 
     assert t["status"] == "completed"
 
 
-def test_env_defaults_to_the_current_span_and_nests_across_generations(store: walspan.Store) -> None:
+def test_env_defaults_to_the_current_span_and_nests_across_generations(
+    store: walspan.Store,
+) -> None:
     """trace.env() without a span hands over the current span (`with trace.span`); a child can
     hand its own current span to a grandchild the same way: the tree spans three processes."""
     trace = store.open("s")
@@ -83,27 +85,36 @@ def test_attach_from_env_without_or_with_a_bad_value(tmp_path: Path) -> None:
     """No WALSPAN_CONTEXT: attach_from_env() returns None and creates nothing; a malformed value
     raises ValueError naming the variable."""
     assert walspan.attach_from_env({}) is None
-    for bad in ("not json", json.dumps({"dir": str(tmp_path)}), json.dumps({"dir": 1, "session": "s"}),
-                json.dumps({"dir": str(tmp_path), "session": "s", "span": "../x"})):
+    for bad in (
+        "not json",
+        json.dumps({"dir": str(tmp_path)}),
+        json.dumps({"dir": 1, "session": "s"}),
+        json.dumps({"dir": str(tmp_path), "session": "s", "span": "../x"}),
+    ):
         with pytest.raises(ValueError, match="WALSPAN_CONTEXT"):
             walspan.attach_from_env({walspan.ENV_VAR: bad})
     assert list(tmp_path.iterdir()) == []
 
 
-def test_child_of_an_ended_trace_gets_trace_closed_and_writes_nothing(store: walspan.Store) -> None:
+def test_child_of_an_ended_trace_gets_trace_closed_and_writes_nothing(
+    store: walspan.Store,
+) -> None:
     """A child handed a trace that has ended meanwhile gets TraceClosedError from
     attach_from_env() and writes nothing."""
     trace = store.open("s")
     env = trace.env(trace.start_span("x"))
     trace.end()
     before = store.wal_path("s").read_bytes()
-    proc = run_script("""
+    proc = run_script(
+        """
 import walspan
 try:
     walspan.attach_from_env(install_hooks=False)
 except walspan.TraceClosedError as e:
     print("closed", e.status)
-""", env=env)
+""",
+        env=env,
+    )
     assert proc.stdout.strip() == "closed completed", proc.stderr
     assert store.wal_path("s").read_bytes() == before
 
@@ -113,12 +124,15 @@ def test_child_killed_while_parent_lives_is_lost_not_crashed(tmp_path: Path, sto
     span is interrupted (writer lost) and the parent's trace goes on to complete."""
     trace = store.open("s")
     parent = trace.start_span("tool")
-    proc = run_script("""
+    proc = run_script(
+        """
 import os, signal, walspan
 t = walspan.attach_from_env()
 t.start_span("killed mid-span")
 os.kill(os.getpid(), signal.SIGKILL)
-""", env=trace.env(parent))
+""",
+        env=trace.env(parent),
+    )
     assert proc.returncode == -9
     report = store.recover()
     assert [a.action for a in report.actions] == ["writer_lost"]
@@ -128,4 +142,7 @@ os.kill(os.getpid(), signal.SIGKILL)
     assert t["status"] == "completed"
     killed = next(s for s in t["spans"] if s["name"] == "killed mid-span")
     assert (killed["status"], killed["status_message"], killed["parent_span_id"]) == (
-        "interrupted", "writer lost", parent.span_id)
+        "interrupted",
+        "writer lost",
+        parent.span_id,
+    )

@@ -8,9 +8,9 @@ import threading
 from pathlib import Path
 
 import pytest
+from crashkit import ForkWriter, events_by_writer, run_file, run_script, wal_records
 
 import walspan
-from crashkit import ForkWriter, events_by_writer, run_file, run_script, wal_records
 
 POOL_SCRIPT = """
 import multiprocessing as mp, os, sys
@@ -89,7 +89,9 @@ def test_worker_pool_logs_into_one_trace_with_cross_process_parents(tmp_path: Pa
         store.close()
 
 
-def test_fork_child_attaches_as_its_own_writer_and_detaches_at_exit(tmp_path: Path) -> None:
+def test_fork_child_attaches_as_its_own_writer_and_detaches_at_exit(
+    tmp_path: Path,
+) -> None:
     """A multiprocessing "fork" child with walspan's hooks on, leaving normally (os._exit after
     multiprocessing's finalizers), is detached by the exit finalizer without closing anything
     itself: the trace is idle afterwards, not crashed."""
@@ -112,7 +114,8 @@ def test_fork_while_another_thread_holds_the_append_lock(tmp_path: Path) -> None
     """fork() while another thread of the parent is inside an append (holding the thread mutex
     and the flock): the child neither deadlocks on the inherited mutex nor shares the parent's
     flock; it waits for the parent's append, attaches as its own writer and appends after it."""
-    proc = run_script("""
+    proc = run_script(
+        """
 import os, signal, sys, threading
 import walspan
 from walspan import _fsutil
@@ -144,7 +147,10 @@ _, status = os.waitpid(pid, 0)
 print("child status", os.waitstatus_to_exitcode(status), "pid", pid, flush=True)
 span.end()
 t.end()
-""", str(tmp_path), check=True)
+""",
+        str(tmp_path),
+        check=True,
+    )
     words = proc.stdout.split()
     assert words[:3] == ["child", "status", "0"], proc.stdout + proc.stderr
     child_pid = int(words[4])
@@ -180,7 +186,7 @@ def test_many_threads_log_into_one_trace(tmp_path: Path) -> None:
                     with trace.span(f"child {n}.{i}") as child:
                         child.add_event("e", {"w": n, "i": i})
                 assert walspan.current_span.get() is root
-        except BaseException as exc:  # pragma: no cover - reported below
+        except BaseException as exc:  # noqa: BLE001 - any failure in a thread is reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(n,)) for n in range(16)]
@@ -204,7 +210,9 @@ def test_many_threads_log_into_one_trace(tmp_path: Path) -> None:
     assert t["wal"]["seq"] == len(seqs)
 
 
-def test_threads_opening_the_same_session_concurrently_create_one_trace(tmp_path: Path) -> None:
+def test_threads_opening_the_same_session_concurrently_create_one_trace(
+    tmp_path: Path,
+) -> None:
     """Threads (and their Store instances) opening the same new session at the same moment get
     one trace: a single trace id, one trace start record."""
     ids: list[str] = []
@@ -282,17 +290,23 @@ def test_multiprocessing_child_terminated_by_its_parent(tmp_path: Path, parent_a
             assert [w["message"] for w in lost] == ["killed by SIGTERM"]
             assert span["status_message"] == "writer lost"
         else:
-            assert (t["status"], t["status_message"]) == ("crashed", "killed by SIGTERM")
+            assert (t["status"], t["status_message"]) == (
+                "crashed",
+                "killed by SIGTERM",
+            )
     finally:
         store.close()
 
 
-def test_fork_during_a_compaction_does_not_keep_the_compaction_lock(tmp_path: Path) -> None:
+def test_fork_during_a_compaction_does_not_keep_the_compaction_lock(
+    tmp_path: Path,
+) -> None:
     """fork() while another thread is compacting: the long-lived child inherits a copy of the
     compaction lock's descriptor; once the parent's compaction is done the lock must be free
     (released explicitly, not by a close that the child's copy would defeat), so the parent's
     next compaction and trace.end() complete while the child still lives."""
-    proc = run_script("""
+    proc = run_script(
+        """
 import os, signal, sys, threading
 import walspan
 from walspan import _compactor
@@ -323,7 +337,10 @@ t.end()
 print("ended while the child lives", flush=True)
 os.close(w)
 os.waitpid(pid, 0)
-""", str(tmp_path), check=True)
+""",
+        str(tmp_path),
+        check=True,
+    )
     assert "ended while the child lives" in proc.stdout
     store = walspan.Store(tmp_path, install_hooks=False)
     try:

@@ -11,9 +11,9 @@ import signal
 from pathlib import Path
 
 import pytest
+from crashkit import expect_line, read_json, run_script, spawn_script, terminal_records
 
 import walspan
-from crashkit import expect_line, read_json, run_script, spawn_script, terminal_records
 
 PRE = """
 import os, signal, sys, threading
@@ -26,10 +26,14 @@ def _store(path: Path) -> walspan.Store:
     return walspan.Store(path, install_hooks=False)
 
 
-def test_uncaught_exception_ends_every_trace_of_the_process_as_error(tmp_path: Path) -> None:
+def test_uncaught_exception_ends_every_trace_of_the_process_as_error(
+    tmp_path: Path,
+) -> None:
     """An uncaught exception in the main thread ends every trace the process attached (across
     stores) as `error` with the exception's type and message; the previous excepthook still runs."""
-    proc = run_script(PRE + """
+    proc = run_script(
+        PRE
+        + """
 def prev(t, e, tb):
     print("previous hook saw", t.__name__, flush=True)
 sys.excepthook = prev
@@ -37,7 +41,9 @@ a = walspan.Store(d).open("a")
 b = walspan.Store(os.path.join(d, "sub")).open("b")
 span = a.start_span("work")
 raise ValueError("boom 42")
-""", str(tmp_path))
+""",
+        str(tmp_path),
+    )
     assert proc.returncode == 1
     assert "previous hook saw ValueError" in proc.stdout
     for directory, sid in ((tmp_path, "a"), (tmp_path / "sub", "b")):
@@ -49,10 +55,14 @@ raise ValueError("boom 42")
     assert span["status"] == "interrupted"
 
 
-def test_uncaught_exception_in_a_thread_ends_only_that_threads_traces(tmp_path: Path) -> None:
+def test_uncaught_exception_in_a_thread_ends_only_that_threads_traces(
+    tmp_path: Path,
+) -> None:
     """threading.excepthook ends the traces opened by the failing thread as `error`; a trace
     opened by the main thread is untouched and detached at normal exit (idle, not crashed)."""
-    proc = run_script(PRE + """
+    proc = run_script(
+        PRE
+        + """
 store = walspan.Store(d)
 main_trace = store.open("main")
 def work():
@@ -63,12 +73,17 @@ th = threading.Thread(target=work)
 th.start(); th.join()
 main_trace.start_span("still fine").end()
 print("main done", flush=True)
-""", str(tmp_path))
+""",
+        str(tmp_path),
+    )
     assert proc.returncode == 0, proc.stderr
     assert "main done" in proc.stdout
     s = _store(tmp_path)
     worker = s.load("worker")
-    assert (worker["status"], worker["status_message"]) == ("error", "RuntimeError: thread failed")
+    assert (worker["status"], worker["status_message"]) == (
+        "error",
+        "RuntimeError: thread failed",
+    )
     main = s.load("main")
     assert main["status"] == "running"
     assert [w["state"] for w in main["writers"]] == ["detached"]
@@ -79,13 +94,17 @@ print("main done", flush=True)
 def test_fatal_signal_marks_crashed_then_the_process_dies_by_it(tmp_path: Path, signame: str) -> None:
     """SIGTERM/SIGHUP with the default disposition: every attached trace is marked crashed
     naming the signal, then the default action happens: the process dies by that signal."""
-    proc = spawn_script(PRE + """
+    proc = spawn_script(
+        PRE
+        + """
 t = walspan.Store(d).open("s")
 t.start_span("long tool call")
 print("ready", flush=True)
 sys.stdin.read()
 print("not reached", flush=True)
-""", str(tmp_path))
+""",
+        str(tmp_path),
+    )
     expect_line(proc, "ready")
     signum = getattr(signal, signame)
     proc.send_signal(signum)
@@ -102,14 +121,18 @@ print("not reached", flush=True)
 def test_sigint_marks_crashed_then_keyboardinterrupt_runs(tmp_path: Path) -> None:
     """SIGINT: the trace is marked crashed ("killed by SIGINT"), then Python's own handler
     raises KeyboardInterrupt as before (the program may catch it)."""
-    proc = spawn_script(PRE + """
+    proc = spawn_script(
+        PRE
+        + """
 t = walspan.Store(d).open("s")
 try:
     print("ready", flush=True)
     sys.stdin.read()
 except KeyboardInterrupt:
     print("caught KeyboardInterrupt", flush=True)
-""", str(tmp_path))
+""",
+        str(tmp_path),
+    )
     expect_line(proc, "ready")
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
@@ -121,7 +144,9 @@ except KeyboardInterrupt:
 
 def test_signal_hooks_chain_to_a_previous_python_handler(tmp_path: Path) -> None:
     """A handler installed before walspan still runs after the trace is marked crashed."""
-    proc = spawn_script(PRE + """
+    proc = spawn_script(
+        PRE
+        + """
 def prev(signum, frame):
     print("previous handler ran", flush=True)
     os._exit(7)
@@ -129,7 +154,9 @@ signal.signal(signal.SIGTERM, prev)
 t = walspan.Store(d).open("s")
 print("ready", flush=True)
 sys.stdin.read()
-""", str(tmp_path))
+""",
+        str(tmp_path),
+    )
     expect_line(proc, "ready")
     proc.send_signal(signal.SIGTERM)
     out, _err = proc.communicate(timeout=60)
@@ -142,14 +169,18 @@ sys.stdin.read()
 def test_ignored_signal_stays_ignored(tmp_path: Path) -> None:
     """A signal whose disposition was SIG_IGN is left alone: the process survives it and the
     trace is not marked crashed."""
-    proc = spawn_script(PRE + """
+    proc = spawn_script(
+        PRE
+        + """
 signal.signal(signal.SIGHUP, signal.SIG_IGN)
 t = walspan.Store(d).open("s")
 print("ready", signal.getsignal(signal.SIGHUP) is signal.SIG_IGN, flush=True)
 sys.stdin.readline()
 t.start_span("after the signal").end()
 print("survived", flush=True)
-""", str(tmp_path))
+""",
+        str(tmp_path),
+    )
     assert expect_line(proc, "ready") == "ready True"
     proc.send_signal(signal.SIGHUP)
     out, _err = proc.communicate("go\n", timeout=60)
@@ -164,13 +195,18 @@ def test_normal_exit_detaches_and_the_trace_is_idle_not_crashed(tmp_path: Path) 
     """A process that exits normally without ending or closing its trace detaches at exit
     (even if its Store went out of scope unclosed): recovery leaves it alone and a later
     open() continues the same trace."""
-    run_script(PRE + """
+    run_script(
+        PRE
+        + """
 def work():
     store = walspan.Store(d)
     t = store.open("s", metadata={"title": "long-lived"})
     t.start_span("turn 1").end()
 work()
-""", str(tmp_path), check=True)
+""",
+        str(tmp_path),
+        check=True,
+    )
     s = _store(tmp_path)
     t = s.load("s")
     assert t["status"] == "running"
@@ -190,7 +226,9 @@ def test_hooks_are_installed_once_and_chain(tmp_path: Path) -> None:
     """Several stores and traces install the hooks once: sys.excepthook, threading.excepthook
     and the signal handlers are replaced a single time, and the original excepthook runs
     exactly once for an uncaught exception (no double wrapping)."""
-    proc = run_script(PRE + """
+    proc = run_script(
+        PRE
+        + """
 before = (sys.excepthook, threading.excepthook)
 stores = [walspan.Store(os.path.join(d, str(i))) for i in range(3)]
 for i, s in enumerate(stores):
@@ -200,7 +238,9 @@ walspan.Store(os.path.join(d, "x")).open("x")
 again = (sys.excepthook, threading.excepthook, signal.getsignal(signal.SIGTERM))
 print("once", after == again, "changed", after[0] is not before[0] and after[1] is not before[1], flush=True)
 raise KeyError("once")
-""", str(tmp_path))
+""",
+        str(tmp_path),
+    )
     assert "once True changed True" in proc.stdout
     assert proc.stderr.count("KeyError: 'once'") == 1  # the default hook ran exactly once
 
@@ -209,14 +249,18 @@ def test_install_hooks_false_leaves_the_process_alone(tmp_path: Path) -> None:
     """install_hooks=False: no excepthook, threading.excepthook or signal handler is replaced;
     an uncaught exception does not end the trace and exit does not detach it, so the writer
     is simply dead for recovery, which then marks the trace crashed."""
-    proc = run_script(PRE + """
+    proc = run_script(
+        PRE
+        + """
 hooks = (sys.excepthook, threading.excepthook, signal.getsignal(signal.SIGTERM))
 s = walspan.Store(d, install_hooks=False)
 t = s.open("s")
 t.start_span("x")
 print("untouched", hooks == (sys.excepthook, threading.excepthook, signal.getsignal(signal.SIGTERM)), flush=True)
 raise ValueError("nobody records this")
-""", str(tmp_path))
+""",
+        str(tmp_path),
+    )
     assert proc.returncode == 1
     assert "untouched True" in proc.stdout
     s = _store(tmp_path)
@@ -231,7 +275,9 @@ def test_signal_during_an_append_does_not_deadlock(tmp_path: Path) -> None:
     """A SIGTERM delivered while the main thread is inside a walspan append (holding the append
     lock) is deferred until the append returns: the event is acknowledged and present, the
     trace is marked crashed, and the process dies by SIGTERM instead of hanging."""
-    proc = run_script(PRE + """
+    proc = run_script(
+        PRE
+        + """
 from walspan import _fsutil
 t = walspan.Store(d).open("s")
 span = t.start_span("x")
@@ -244,7 +290,9 @@ _fsutil.faults.hook = hook
 armed.append(1)
 span.add_event("interrupted append", {"n": 1})
 print("not reached", flush=True)
-""", str(tmp_path))
+""",
+        str(tmp_path),
+    )
     assert proc.returncode == -signal.SIGTERM, proc.stderr
     assert "not reached" not in proc.stdout
     s = _store(tmp_path)
@@ -256,7 +304,9 @@ print("not reached", flush=True)
 def test_signal_during_compaction_does_not_deadlock(tmp_path: Path) -> None:
     """A SIGTERM delivered while the main thread holds a session's compaction lock (inside
     Store.compact) does not deadlock the crash hook on that same lock."""
-    proc = run_script(PRE + """
+    proc = run_script(
+        PRE
+        + """
 from walspan import _compactor
 s = walspan.Store(d)
 t = s.open("s")
@@ -267,7 +317,9 @@ def hook(path):
 _compactor.before_rename = hook
 s.compact("s")
 print("not reached", flush=True)
-""", str(tmp_path))
+""",
+        str(tmp_path),
+    )
     assert proc.returncode == -signal.SIGTERM, proc.stderr
     s = _store(tmp_path)
     t = s.load("s")
@@ -279,7 +331,9 @@ def test_signal_during_recovery_does_not_deadlock(tmp_path: Path) -> None:
     """A SIGTERM delivered while recover() holds a session's append lock (recording a dead
     fellow writer as lost) is deferred: the lost writer is recorded, then the trace is marked
     crashed by the hook, and the process dies by SIGTERM."""
-    proc = run_script(PRE + """
+    proc = run_script(
+        PRE
+        + """
 from walspan import _fsutil
 s = walspan.Store(d)
 t = s.open("s")
@@ -296,14 +350,19 @@ def hook(op, path):
 _fsutil.faults.hook = hook
 s.recover()
 print("not reached", flush=True)
-""", str(tmp_path))
+""",
+        str(tmp_path),
+    )
     assert proc.returncode == -signal.SIGTERM, proc.stderr
     s = _store(tmp_path)
     t = s.load("s")
     assert (t["status"], t["status_message"]) == ("crashed", "killed by SIGTERM")
     assert sorted(w["state"] for w in t["writers"]) == ["attached", "lost"]
     child_span = t["spans"][0]
-    assert (child_span["status"], child_span["status_message"]) == ("interrupted", "writer lost")
+    assert (child_span["status"], child_span["status_message"]) == (
+        "interrupted",
+        "writer lost",
+    )
     assert [p["status"] for p in terminal_records(s.wal_path("s"))] == ["crashed"]
 
 
@@ -311,7 +370,9 @@ def test_signal_hooks_installed_at_the_first_main_thread_attach(tmp_path: Path) 
     """When a process's first writer attaches in a worker thread (where Python forbids
     signal.signal), the signal handlers are installed at the first attach from the main thread,
     so a later SIGTERM still marks the traces crashed."""
-    proc = spawn_script(PRE + """
+    proc = spawn_script(
+        PRE
+        + """
 store = walspan.Store(d)
 th = threading.Thread(target=store.open, args=("from thread",))
 th.start(); th.join()
@@ -319,7 +380,9 @@ before = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 store.open("from main")
 print("ready", before, signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, flush=True)
 sys.stdin.read()
-""", str(tmp_path))
+""",
+        str(tmp_path),
+    )
     assert expect_line(proc, "ready") == "ready True True"
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=60)

@@ -7,14 +7,16 @@ import signal
 from pathlib import Path
 
 import psutil
+from crashkit import ForkWriter, attach_records, expect_line, spawn_script
 
 import walspan
-from crashkit import ForkWriter, attach_records, expect_line, spawn_script
 from walspan import _liveness
 from walspan._wal import internal_dir
 
 
-def test_attach_record_names_the_writer_by_host_pid_and_start_time(tmp_path: Path) -> None:
+def test_attach_record_names_the_writer_by_host_pid_and_start_time(
+    tmp_path: Path,
+) -> None:
     """The attach record names the writer: random writer id, host, pid, and the process start
     time from psutil (pid + start time guard against pid reuse)."""
     store = walspan.Store(tmp_path, install_hooks=False)
@@ -50,8 +52,12 @@ def test_missing_lock_file_falls_back_to_pid_and_start_time(tmp_path: Path) -> N
     """Without its lock file, a writer on this host is alive only if a process with that pid
     *and* that start time exists: a recycled pid (other start time) or no process is dead."""
     internal = internal_dir(str(tmp_path))
-    me = {"writer": "00000000000000aa", "host": _liveness.HOST, "pid": os.getpid(),
-          "process_start": psutil.Process().create_time()}
+    me = {
+        "writer": "00000000000000aa",
+        "host": _liveness.HOST,
+        "pid": os.getpid(),
+        "process_start": psutil.Process().create_time(),
+    }
     assert _liveness.writer_alive(internal, me) is True
     recycled = dict(me, process_start=me["process_start"] - 3600)
     assert _liveness.writer_alive(internal, recycled) is False
@@ -67,15 +73,28 @@ def test_liveness_fails_closed_when_nothing_can_be_proven(tmp_path: Path) -> Non
     """Fail closed: a writer on another host, or with an unusable id / pid / start time, counts
     as alive; a strange writer id is never turned into a path outside the writers directory."""
     internal = internal_dir(str(tmp_path))
-    base = {"writer": "00000000000000bb", "host": "some-other-host", "pid": 1, "process_start": 1.0}
+    base = {
+        "writer": "00000000000000bb",
+        "host": "some-other-host",
+        "pid": 1,
+        "process_start": 1.0,
+    }
     assert _liveness.writer_alive(internal, base) is True
     assert _liveness.writer_alive(internal, dict(base, writer="../../escape")) is True
     assert _liveness.writer_alive(internal, dict(base, writer="")) is True
     assert _liveness.writer_alive(internal, dict(base, host=_liveness.HOST, pid="1")) is True
-    assert _liveness.writer_alive(internal, dict(base, host=_liveness.HOST, pid=os.getpid(), process_start=None)) is True
+    assert (
+        _liveness.writer_alive(
+            internal,
+            dict(base, host=_liveness.HOST, pid=os.getpid(), process_start=None),
+        )
+        is True
+    )
 
 
-def test_clean_close_removes_the_lock_file_and_recovery_removes_dead_ones(tmp_path: Path) -> None:
+def test_clean_close_removes_the_lock_file_and_recovery_removes_dead_ones(
+    tmp_path: Path,
+) -> None:
     """A clean close() removes the writer's lock file; recovery removes the lock file of a
     writer it proved dead (housekeeping: the writers directory does not grow forever)."""
     wdir = Path(_liveness.writers_dir(internal_dir(str(tmp_path))))
@@ -95,12 +114,15 @@ def test_clean_close_removes_the_lock_file_and_recovery_removes_dead_ones(tmp_pa
     store.close()
 
 
-def test_fork_child_does_not_keep_its_parent_alive_and_attaches_as_itself(tmp_path: Path) -> None:
+def test_fork_child_does_not_keep_its_parent_alive_and_attaches_as_itself(
+    tmp_path: Path,
+) -> None:
     """A fork() child inherits its parent's liveness descriptor (flock locks are shared through
     it) but must drop it: when the parent is SIGKILLed while the child lives on, the parent is
     proven dead (recorded lost: the child still lives), and the child, which attached as its
     own writer on first use, is alive until it is killed too; then the trace is crashed."""
-    proc = spawn_script("""
+    proc = spawn_script(
+        """
 import os, sys
 import walspan
 t = walspan.Store(sys.argv[1], install_hooks=False).open("s")
@@ -113,7 +135,9 @@ if pid == 0:
     os._exit(0)
 print("parent", os.getpid(), flush=True)
 sys.stdin.read()
-""", str(tmp_path))
+""",
+        str(tmp_path),
+    )
     assert proc.stdout is not None
     pids = dict(proc.stdout.readline().split() for _ in range(2))  # "child N" / "parent N", any order
     parent_pid, child_pid = int(pids["parent"]), int(pids["child"])

@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import walspan
 from crashkit import wal_records
+
+import walspan
 from walspan._format import RecordType
 
 N_SESSIONS = 200

@@ -7,9 +7,16 @@ import os
 from pathlib import Path
 
 import pytest
+from crashkit import (
+    ForkWriter,
+    dead_writer,
+    read_json,
+    run_script,
+    terminal_records,
+    wal_records,
+)
 
 import walspan
-from crashkit import ForkWriter, dead_writer, read_json, run_script, terminal_records, wal_records
 from walspan import cli
 from walspan._format import RecordType
 
@@ -21,7 +28,9 @@ def store(tmp_path: Path):  # type: ignore[no-untyped-def]
     s.close()
 
 
-def test_idle_trace_is_not_crashed_and_a_later_open_continues_it(store: walspan.Store) -> None:
+def test_idle_trace_is_not_crashed_and_a_later_open_continues_it(
+    store: walspan.Store,
+) -> None:
     """A trace whose writers all detached cleanly without ending it is idle: recover() changes
     nothing, and a later open() continues the same trace (the long-lived-session case)."""
     t = store.open("s", metadata={"title": "chat"})
@@ -89,7 +98,10 @@ def test_dead_writer_among_live_ones_is_lost_and_the_trace_goes_on(tmp_path: Pat
         assert t["status"] == "running"
         spans = {s["span_id"]: s for s in t["spans"]}
         lost = spans[dead.span_id]  # type: ignore[index]
-        assert (lost["status"], lost["status_message"]) == ("interrupted", "writer lost")
+        assert (lost["status"], lost["status_message"]) == (
+            "interrupted",
+            "writer lost",
+        )
         assert lost["end_time"] == max(e["time"] for e in lost["events"])
         assert spans[live.span_id]["status"] == "open"  # type: ignore[index]
         assert store.recover().actions == []
@@ -126,13 +138,17 @@ def test_attaching_to_a_terminal_trace_raises_and_writes_nothing(tmp_path: Path,
         with pytest.raises(walspan.TraceClosedError) as info:
             store.open(sid)
         assert info.value.status == status
-        proc = run_script("""
+        proc = run_script(
+            """
 import sys, walspan
 try:
     walspan.Store(sys.argv[1], install_hooks=False).open(sys.argv[2])
 except walspan.TraceClosedError as e:
     print("closed", e.status)
-""", str(tmp_path), sid)
+""",
+            str(tmp_path),
+            sid,
+        )
         assert proc.stdout.strip() == f"closed {status}", proc.stderr
         assert store.wal_path(sid).read_bytes() == before
 
@@ -150,7 +166,7 @@ def test_torn_tail_of_a_dead_writer_is_repaired_then_crashed(tmp_path: Path, sto
     assert [a.action for a in report.actions] == ["repaired_tail", "crashed"]
     assert wal.read_bytes()[: len(good)] == good
     recs = wal_records(wal)
-    assert recs[: len(last)] == last and [t for t, _ in recs[len(last):]] == [RecordType.TERMINAL]
+    assert recs[: len(last)] == last and [t for t, _ in recs[len(last) :]] == [RecordType.TERMINAL]
     assert store.load("s")["status"] == "crashed"
 
 
@@ -191,7 +207,9 @@ def test_cli_recover_prints_what_it_changed(tmp_path: Path, capsys: pytest.Captu
     assert "CORRUPT" in out and str(wal) in out
 
 
-def test_recover_from_another_process_never_crashes_a_live_writers_trace(tmp_path: Path) -> None:
+def test_recover_from_another_process_never_crashes_a_live_writers_trace(
+    tmp_path: Path,
+) -> None:
     """A recovery run in a separate process while this process is attached (and idle: no
     appends in flight) leaves the trace alone: the liveness lock proves this writer alive."""
     store = walspan.Store(tmp_path, install_hooks=False)
@@ -199,11 +217,15 @@ def test_recover_from_another_process_never_crashes_a_live_writers_trace(tmp_pat
         t = store.open("s")
         t.start_span("open span")
         before = store.wal_path("s").read_bytes()
-        proc = run_script("""
+        proc = run_script(
+            """
 import sys, walspan
 r = walspan.Store(sys.argv[1], install_hooks=False).recover()
 print(len(r.actions), r.checked)
-""", str(tmp_path), check=True)
+""",
+            str(tmp_path),
+            check=True,
+        )
         assert proc.stdout.split() == ["0", "1"]
         assert store.wal_path("s").read_bytes() == before
     finally:

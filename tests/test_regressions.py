@@ -9,8 +9,6 @@ import threading
 from pathlib import Path
 
 import pytest
-
-import walspan
 from crashkit import (
     FORK,
     WAIT_S,
@@ -22,6 +20,8 @@ from crashkit import (
     run_script,
     terminal_records,
 )
+
+import walspan
 from walspan import _compactor, _fsutil
 from walspan._names import encode_session_id
 
@@ -56,13 +56,17 @@ def test_m2_burst_then_immediate_exit_keeps_every_event(tmp_path: Path, durabili
 def test_m2_in_a_fresh_interpreter(tmp_path: Path) -> None:
     """M2 with a fresh interpreter writing with default settings (durable, hooks on): 8 events
     then os._exit(0) -> all 8 in the recovered trace."""
-    run_script("""
+    run_script(
+        """
 import os, sys, walspan
 span = walspan.Store(sys.argv[1]).open("m2").start_span("burst")
 for i in range(8):
     span.add_event("tool call", {"w": 0, "i": i})
 os._exit(0)
-""", str(tmp_path), check=True)
+""",
+        str(tmp_path),
+        check=True,
+    )
     store = _store(tmp_path)
     store.recover()
     assert events_by_writer(store.load("m2")) == {0: list(range(8))}
@@ -72,7 +76,9 @@ os._exit(0)
 # -- M3: end and crash racing on a large trace ----------------------------------------------
 
 
-def test_m3_end_racing_crash_on_a_large_trace_first_terminal_record_wins(tmp_path: Path) -> None:
+def test_m3_end_racing_crash_on_a_large_trace_first_terminal_record_wins(
+    tmp_path: Path,
+) -> None:
     """M3: one process ends a ~24 MB trace while another crashes it at the same moment (both
     released by one barrier). Every trial: exactly one terminal record exists, the loser is
     refused with TraceClosedError naming the winner's status, the JSON's status is the first
@@ -88,8 +94,10 @@ def test_m3_end_racing_crash_on_a_large_trace_first_terminal_record_wins(tmp_pat
         store.close()  # the writers below are the only ones attached
         barrier = FORK.Barrier(2)
         out = FORK.Queue()
-        procs = [FORK.Process(target=race_to_terminate, args=(str(tmp_path), session, a, barrier, out))
-                 for a in ("end", "crash")]
+        procs = [
+            FORK.Process(target=race_to_terminate, args=(str(tmp_path), session, a, barrier, out))
+            for a in ("end", "crash")
+        ]
         for p in procs:
             p.start()
         results = dict(out.get(timeout=WAIT_S) for _ in procs)
@@ -108,7 +116,9 @@ def test_m3_end_racing_crash_on_a_large_trace_first_terminal_record_wins(tmp_pat
         assert store.load(session) == read_json(store, session)
 
 
-def test_m3_crash_during_a_slow_export_of_a_large_trace_is_refused(tmp_path: Path) -> None:
+def test_m3_crash_during_a_slow_export_of_a_large_trace_is_refused(
+    tmp_path: Path,
+) -> None:
     """M3's exact window: the end's export (compaction of a large trace) is paused just before
     its rename while another process crashes the trace. The crash is refused (the end's terminal
     record came first) and the JSON says completed, the status of the first terminal record;
@@ -129,14 +139,17 @@ def test_m3_crash_during_a_slow_export_of_a_large_trace_is_refused(tmp_path: Pat
         th = threading.Thread(target=lambda: result.append(t.end("completed")))
         th.start()
         assert in_window.wait(WAIT_S)
-        proc = run_script("""
+        proc = run_script(
+            """
 import sys, walspan
 try:
     walspan.Store(sys.argv[1], install_hooks=False).open("m3").crash("crashed at the same moment")
     print("crash recorded")
 except walspan.TraceClosedError as e:
     print("refused", e.status)
-""", str(tmp_path))
+""",
+            str(tmp_path),
+        )
         go.set()
         th.join(WAIT_S)
     finally:
@@ -191,7 +204,9 @@ def test_m1_delayed_compaction_rename_cannot_clobber_crashed(tmp_path: Path) -> 
 # -- isolation ----------------------------------------------------------------------------------
 
 
-def test_one_session_crashing_never_changes_another_in_the_same_process(tmp_path: Path) -> None:
+def test_one_session_crashing_never_changes_another_in_the_same_process(
+    tmp_path: Path,
+) -> None:
     """A session crashing in one process does not stop, end or alter the process's other
     sessions: they keep logging and end with their own status (invariant 9)."""
     store = _store(tmp_path)
@@ -202,12 +217,17 @@ def test_one_session_crashing_never_changes_another_in_the_same_process(tmp_path
     b.end("completed")
     assert store.load("a")["status"] == "crashed"
     tb = store.load("b")
-    assert (tb["status"], [s["name"] for s in tb["spans"]]) == ("completed", ["before", "after"])
+    assert (tb["status"], [s["name"] for s in tb["spans"]]) == (
+        "completed",
+        ["before", "after"],
+    )
     assert read_json(store, "b") == tb
     store.close()
 
 
-def test_one_session_crashing_never_changes_another_across_processes(tmp_path: Path) -> None:
+def test_one_session_crashing_never_changes_another_across_processes(
+    tmp_path: Path,
+) -> None:
     """A writer of session A killed (and A crash-marked by recovery, or by a signal hook in its
     process) changes nothing for session B written by another, live process."""
     a = ForkWriter(str(tmp_path), "a", 0, 3)
@@ -219,11 +239,14 @@ def test_one_session_crashing_never_changes_another_across_processes(tmp_path: P
         store = _store(tmp_path)
         assert store.recover().crashed == ["a"]
         assert store.load("b")["status"] == "running"
-        proc = run_script("""
+        proc = run_script(
+            """
 import os, signal, sys, walspan
 walspan.Store(sys.argv[1]).open("c")
 os.kill(os.getpid(), signal.SIGTERM)
-""", str(tmp_path))
+""",
+            str(tmp_path),
+        )
         assert proc.returncode == -15
         assert store.load("c")["status"] == "crashed"
         b.release()
@@ -239,10 +262,27 @@ os.kill(os.getpid(), signal.SIGTERM)
 
 # -- session ids --------------------------------------------------------------------------------
 
-TRICKY_IDS = ["a/b", "a\\b", "a.b", "a:b", "a_b", "a b", "a-b", "A.b", "../a", "a/../b", ".", "..", "a.b.", "con"]
+TRICKY_IDS = [
+    "a/b",
+    "a\\b",
+    "a.b",
+    "a:b",
+    "a_b",
+    "a b",
+    "a-b",
+    "A.b",
+    "../a",
+    "a/../b",
+    ".",
+    "..",
+    "a.b.",
+    "con",
+]
 
 
-def test_tricky_session_ids_are_distinct_traces_each_crash_marked_correctly(tmp_path: Path) -> None:
+def test_tricky_session_ids_are_distinct_traces_each_crash_marked_correctly(
+    tmp_path: Path,
+) -> None:
     """Session ids with / \\ . : and ids a lossy sanitizer would merge (a.b / a_b / a:b ...) are
     distinct traces with distinct files inside the store; the ones whose writer is killed are
     crash-marked by recovery, the others keep their own status (invariant 8)."""
@@ -278,7 +318,9 @@ def test_tricky_session_ids_are_distinct_traces_each_crash_marked_correctly(tmp_
 # -- reopening from a new process ---------------------------------------------------------------
 
 
-def test_reopen_in_a_new_process_keeps_trace_id_and_interrupts_the_dead_writers_span(tmp_path: Path) -> None:
+def test_reopen_in_a_new_process_keeps_trace_id_and_interrupts_the_dead_writers_span(
+    tmp_path: Path,
+) -> None:
     """A new process reopening a session whose previous writer died mid-generation keeps the
     trace id, metadata and every span (the trace never collapses to the new process's view);
     the dead writer's open span is interrupted (writer lost), not left open forever (inv. 7)."""
@@ -288,13 +330,17 @@ def test_reopen_in_a_new_process_keeps_trace_id_and_interrupts_the_dead_writers_
     first.close()
     store = _store(tmp_path)
     before = store.load("s")
-    proc = run_script("""
+    proc = run_script(
+        """
 import sys, walspan
 t = walspan.Store(sys.argv[1]).open("s")
 print(t.trace_id, flush=True)
 t.start_span("turn 2").end()
 t.close()
-""", str(tmp_path), check=True)
+""",
+        str(tmp_path),
+        check=True,
+    )
     assert proc.stdout.strip() == before["trace_id"]
     after = store.compact("s")
     t = read_json(store, "s")

@@ -109,7 +109,11 @@ def install() -> None:
         def threadhook(args: Any) -> None:
             if args.exc_type is not SystemExit:
                 ident = args.thread.ident if args.thread is not None else None
-                _end_all(f"{args.exc_type.__name__}: {args.exc_value}", thread=ident, error=args.exc_value)
+                _end_all(
+                    f"{args.exc_type.__name__}: {args.exc_value}",
+                    thread=ident,
+                    error=args.exc_value,
+                )
             previous_threadhook(args)
 
         threading.excepthook = threadhook
@@ -135,7 +139,10 @@ def _install_signal_handlers() -> None:
                 continue  # ignored (or set from C): not ours to change
             _previous[signum] = prev
             signal.signal(signum, _on_signal)
-        except (ValueError, OSError):  # pragma: no cover - e.g. not the main interpreter
+        except (
+            ValueError,
+            OSError,
+        ):  # pragma: no cover - e.g. not the main interpreter
             pass
 
 
@@ -145,7 +152,10 @@ def _end_all(message: str, thread: int | None, error: BaseException) -> None:
         try:
             store._end_attached(status, message, thread=thread)
         except Exception:  # pragma: no cover - dying anyway; keep the original traceback visible
-            log.exception("walspan: could not record the uncaught exception in %s", store.directory)
+            log.exception(
+                "walspan: could not record the uncaught exception in %s",
+                store.directory,
+            )
 
 
 def _on_signal(signum: int, frame: Any) -> None:
@@ -181,7 +191,7 @@ def _in_multiprocessing_child() -> bool:
     mp = sys.modules.get("multiprocessing")
     try:
         return mp is not None and mp.parent_process() is not None
-    except Exception:  # pragma: no cover - a half-initialised multiprocessing
+    except Exception:  # noqa: BLE001 - a half-initialised multiprocessing must not break a crash hook
         return False
 
 

@@ -56,7 +56,7 @@ class RecoveryReport:
 def _fmt_ns(ns: int | None) -> str:
     if not ns:
         return "unknown"
-    return datetime.datetime.fromtimestamp(ns / 1e9, datetime.timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.datetime.fromtimestamp(ns / 1e9, datetime.UTC).isoformat(timespec="milliseconds")
 
 
 def recover(store: Store, session_ids: list[str] | None = None) -> RecoveryReport:
@@ -88,7 +88,11 @@ def _recover_session(store: Store, session_id: str, report: RecoveryReport) -> N
         with handle.locked() as wal:
             if wal.end < size_before:
                 report.actions.append(
-                    RecoveryAction(session_id, "repaired_tail", f"truncated {size_before - wal.end} torn bytes at offset {wal.end}")
+                    RecoveryAction(
+                        session_id,
+                        "repaired_tail",
+                        f"truncated {size_before - wal.end} torn bytes at offset {wal.end}",
+                    )
                 )
                 changed = True
             if not wal.terminal_off:
@@ -118,11 +122,27 @@ def _recover_session(store: Store, session_id: str, report: RecoveryReport) -> N
                     if alive:
                         for wid, p in dead:
                             msg = f"writer {wid} (pid {p.get('pid')} on {p.get('host')}) died without detaching"
-                            wal.append(_T.WRITER_LOST, {"lost": wid, "message": msg, "time": now, "by": own or "recovery"})
+                            wal.append(
+                                _T.WRITER_LOST,
+                                {
+                                    "lost": wid,
+                                    "message": msg,
+                                    "time": now,
+                                    "by": own or "recovery",
+                                },
+                            )
                             report.actions.append(RecoveryAction(session_id, "writer_lost", msg))
                     else:
                         msg = f"writer(s) {names} died without ending the trace; last record written at {_fmt_ns(last_time)}"
-                        wal.append(_T.TERMINAL, {"status": "crashed", "message": msg, "time": now, "by": own or "recovery"})
+                        wal.append(
+                            _T.TERMINAL,
+                            {
+                                "status": "crashed",
+                                "message": msg,
+                                "time": now,
+                                "by": own or "recovery",
+                            },
+                        )
                         report.actions.append(RecoveryAction(session_id, "crashed", msg))
                     end = wal.end
                     changed = True
