@@ -15,7 +15,7 @@ from . import _compactor, _fsutil, _hooks, _liveness
 from ._fold import TERMINAL_STATUSES
 from ._format import RecordType, encode_record, pack_payload, unpack_payload
 from ._names import check_session_id, decode_stem, encode_session_id
-from ._values import DEFAULT_MAX_VALUE_BYTES, clean_mapping
+from ._values import DEFAULT_MAX_VALUE_BYTES, cap_str, clean_mapping
 from ._wal import WalHandle, check_durability, create_wal, internal_dir
 from .errors import DurabilityError, SessionNotFoundError, TraceClosedError, WalspanError
 
@@ -318,6 +318,7 @@ class Store:
         lost (its open spans interrupted) and let the trace go on; end it only where this
         process is its last live writer (a pool worker stopped by its parent's SIGTERM).
         """
+        message = cap_str(message, self.max_value_bytes)  # the single truncation rule
         with self._lock:
             targets = [
                 s
