@@ -390,3 +390,34 @@ sys.stdin.read()
     s = _store(tmp_path)
     for sid in ("from thread", "from main"):
         assert s.load(sid)["status"] == "crashed"
+
+
+def test_hostile_exceptions_are_still_recorded_and_still_shown(tmp_path: Path) -> None:
+    """An uncaught exception whose __str__ raises, or whose message is huge and holds lone
+    surrogates, still ends the trace as error (message escaped, capped by the single truncation
+    rule) and the original traceback is still printed by the previous hook."""
+    for kind in ("broken_str", "huge"):
+        proc = run_script(
+            PRE
+            + """
+class Broken(Exception):
+    def __str__(self):
+        raise RuntimeError("no str for you")
+walspan.Store(d, max_value_bytes=4096).open(sys.argv[2])
+if sys.argv[2] == "broken_str":
+    raise Broken()
+raise ValueError("\\udcff" + "m" * 100_000)
+""",
+            str(tmp_path),
+            kind,
+        )
+        assert proc.returncode == 1
+        assert ("Broken" if kind == "broken_str" else "ValueError") in proc.stderr
+        t = _store(tmp_path).load(kind)
+        assert t["status"] == "error"
+        if kind == "broken_str":
+            assert t["status_message"] == "Broken: <unprintable Broken>"
+        else:
+            assert t["status_message"].startswith("ValueError: \\udcffmmm")
+            assert walspan.TRUNCATION_MARKER.split("{")[0] in t["status_message"]
+            assert len(t["status_message"].encode()) < 4096 + 100

@@ -100,21 +100,21 @@ def install() -> None:
         previous_excepthook = sys.excepthook
 
         def excepthook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
-            _end_all(f"{exc_type.__name__}: {exc}", thread=None, error=exc)
-            previous_excepthook(exc_type, exc, tb)
+            try:
+                _end_all(_describe(exc_type, exc), thread=None, error=exc)
+            finally:  # whatever happens here, the original traceback is still shown
+                previous_excepthook(exc_type, exc, tb)
 
         sys.excepthook = excepthook
         previous_threadhook = threading.excepthook
 
         def threadhook(args: Any) -> None:
-            if args.exc_type is not SystemExit:
-                ident = args.thread.ident if args.thread is not None else None
-                _end_all(
-                    f"{args.exc_type.__name__}: {args.exc_value}",
-                    thread=ident,
-                    error=args.exc_value,
-                )
-            previous_threadhook(args)
+            try:
+                if args.exc_type is not SystemExit:
+                    ident = args.thread.ident if args.thread is not None else None
+                    _end_all(_describe(args.exc_type, args.exc_value), thread=ident, error=args.exc_value)
+            finally:
+                previous_threadhook(args)
 
         threading.excepthook = threadhook
         _register_atexit()
@@ -146,7 +146,17 @@ def _install_signal_handlers() -> None:
             pass
 
 
-def _end_all(message: str, thread: int | None, error: BaseException) -> None:
+def _describe(exc_type: type[BaseException], exc: BaseException | None) -> str:
+    """'<Type>: <message>', even for an exception whose __str__ fails or returns odd text."""
+    try:
+        text = str(exc)
+    except Exception:  # noqa: BLE001 - a broken __str__ must not hide the original error
+        text = f"<unprintable {exc_type.__name__}>"
+    # lone surrogates cannot be encoded into the WAL: escape them rather than lose the record
+    return f"{exc_type.__name__}: {text}".encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _end_all(message: str, thread: int | None, error: BaseException | None) -> None:
     status = "crashed" if isinstance(error, KeyboardInterrupt) else "error"
     for store in stores():
         try:
