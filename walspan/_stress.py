@@ -56,9 +56,11 @@ What a run does
    - the janitor reported no error, and every JSON it read right after compacting parsed
      (a reader never sees a torn JSON).
 
-Sizes: each writer logs a few MB per second of load, so a trace grows with --duration (a
-600 s run makes multi-GB traces that are folded in memory at the end). For long soaks prefer
-many rounds of the default size: scripts/stress.py --hours N.
+Sizes: the writers log a few MB per second of load between them, so traces grow with
+--duration, and the final checks fold each whole trace in memory (measured, durable mode on 2
+cores: 20 s -> ~150 MB of WAL; 90 s -> 415 MB of WAL and 1.4 GB peak RSS in the checking
+parent; a 600 s run would need several GB). For long soaks run many rounds of the default size
+instead: scripts/stress.py --hours N.
 
 Expected status of a session (derived from its writers' fates)
 ---------------------------------------------------------------
