@@ -543,7 +543,7 @@ def in_child(target: Callable[..., None], *args: Any) -> Any:
     queue = CTX.Queue()
     p = CTX.Process(target=target, args=(*args, queue))
     p.start()
-    item = queue.get(timeout=900)
+    item = queue.get(timeout=300)
     p.join()
     if item[0] == "error":
         raise RuntimeError(item[1])
@@ -706,7 +706,9 @@ def _dying_writer(workdir: str, sessions: int, queue: Any) -> None:
             trace = store.open(f"ses_{k:05d}")
             span = trace.start_span("turn", kind="agent")
             span.add_event("tool_output", {"w": 0, "i": 0, "pad": WALSPAN_PAD})
-        queue.put(("ok",))
+        queue.put(("ok", 0, 0, b""))
+        queue.close()
+        queue.join_thread()  # the report must be out before the process dies without cleanup
     except BaseException:
         queue.put(("error", traceback.format_exc()))
         return
@@ -781,6 +783,9 @@ def machine_info(root: str) -> dict[str, Any]:
 
 def run_throughput(args: argparse.Namespace, root: str, log: Callable[[str], None]) -> list[dict[str, Any]]:
     cfgs = throughput_configs(args.writers, args.threads)
+    if args.systems:
+        keep = set(args.systems.split(",")) | {"raw-fdatasync"}  # ratios need the one-stream run
+        cfgs = [c for c in cfgs if c[0] in keep]
     if not have_clh():
         log("concurrent-log-handler is not installed (pip install -e '.[bench]'): skipped")
         cfgs = [c for c in cfgs if c[0] != "concurrent-log-handler"]
@@ -1084,6 +1089,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=None, help="seconds per throughput run")
     ap.add_argument("--only", default="throughput,json,length,compaction,recovery",
                     help="comma-separated parts to run (throughput,json,length,compaction,recovery)")
+    ap.add_argument("--systems", default="", help="comma-separated systems for the throughput matrix (default: all)")
     args = ap.parse_args(argv)
     q = args.quick
     args.reps = args.reps or (1 if q else 5)
@@ -1105,6 +1111,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd += f" --seconds {args.seconds}"
     if parts != {"throughput", "json", "length", "compaction", "recovery"}:
         cmd += f" --only {args.only}"
+    if args.systems:
+        cmd += f" --systems {args.systems}"
     res: dict[str, Any] = {"meta": dict(machine_info(root), mode="quick" if q else "full", reps=args.reps,
                                         seconds=args.seconds, command=cmd, event_bytes=EVENT_BYTES)}
     try:
