@@ -12,11 +12,12 @@ What a power loss can lose, by durability level (the statements these tests pin)
 - durable: nothing acknowledged. An append returns only once durable_end covers its record,
   so every acknowledged record lies below the last fdatasync position.
 - process: every record appended after the WAL's last fdatasync. In process mode walspan
-  fdatasyncs the WAL only when it creates it (the header and trace start), when it truncates a
-  torn tail, and before a compaction publishes a JSON (so the JSON never shows records a power
-  loss can take); a power loss may take every span event since the last of these. What survives
-  is always a prefix of the records (never a hole), and recovery marks the trace crashed (unless
-  the loss took the writer's attach record too: then no writer is named and the trace is idle).
+  fdatasyncs the WAL only when it creates it (the header, the trace start and the creator's
+  attach record, written as one file), when it truncates a torn tail, and before a compaction
+  publishes a JSON (so the JSON never shows records a power loss can take); a power loss may take
+  every span event since the last of these. What survives is always a prefix of the records
+  (never a hole), and recovery marks the trace crashed: the creator's attach record is part of
+  the created file, so a writer is always named.
 """
 
 from __future__ import annotations
@@ -311,17 +312,18 @@ def test_durable_power_loss_keeps_every_acknowledged_event(tmp_path: Path) -> No
 
 def test_process_mode_power_loss_loses_only_what_followed_the_last_fdatasync(tmp_path: Path) -> None:
     """Process mode: walspan fdatasyncs the WAL only when creating it, so the last fdatasync
-    position is the end of the trace start record, and a power loss can lose any event after it.
-    On images cut anywhere from there (then zeros or garbage sectors), exactly the records that
-    were whole before the cut survive (a prefix, never a hole), and recovery crashes the trace
-    (or leaves it idle if the writer's own attach record was lost: no writer is named)."""
+    position is the end of the created file (trace start and the creator's attach record), and a
+    power loss can lose any event after it. On images cut anywhere from there (then zeros or
+    garbage sectors), exactly the records that were whole before the cut survive (a prefix,
+    never a hole), and recovery crashes the trace: its creator is always named as a writer."""
     src = tmp_path / "src"
     acks = run_writers(src, "process", n_ops=30)
     data = (src / "s.wal").read_bytes()
     records, start_end = tagged_records(src / "s.wal")
-    assert {a["synced"] for a in acks[0]} == {start_end}  # never synced after the creation
+    created_end = records[1][1]  # the trace start and the creator's attach, created as one file
+    assert {a["synced"] for a in acks[0]} == {created_end}  # never synced after the creation
     rng = random.Random(2)
-    cuts = [start_end] + sorted(rng.randrange(start_end, len(data) + 1) for _ in range(11))
+    cuts = [created_end] + sorted(rng.randrange(created_end, len(data) + 1) for _ in range(11))
     for i, cut in enumerate(cuts):
         image = power_loss_image(data, cut, rng, ("garbage", "zeros")[i % 2], i % 3)
         d = tmp_path / f"img{i}"

@@ -207,15 +207,20 @@ class Store:
                 "time": now,
                 "writer": writer.writer_id,
             }
+            attach = dict(writer.describe(), time=now)
             salt = int.from_bytes(os.urandom(8), "little")
-            created = create_wal(wal_path, salt, encode_record(salt, _T.TRACE_START, 1, pack_payload(first)))
+            # The creator's attach record is born with the file: no crash (nor, in process mode,
+            # power loss) can leave a trace whose creator is not named as a writer.
+            records = encode_record(salt, _T.TRACE_START, 1, pack_payload(first))
+            records += encode_record(salt, _T.WRITER_ATTACH, 2, pack_payload(attach))
+            created = create_wal(wal_path, salt, records)
         h = self._acquire_handle(session.stem)
         try:
             with h.locked() as wal:
                 if wal.terminal_off:
                     info = h.terminal_info(wal.terminal_off)
                     raise TraceClosedError(session.session_id, info.get("status", "?"), info.get("message"))
-                already = session.attached_pid == os.getpid()
+                already = session.attached_pid == os.getpid() or created
                 if not already:
                     self._mark_lost_writers(wal, writer.writer_id)
                     payload = dict(writer.describe(), time=time.time_ns())
