@@ -53,11 +53,20 @@ def clean(value: Any, where: str, limit: int, depth: int = 0) -> Any:
         raise ValueError(f"{where}: nested more than {MAX_DEPTH} levels deep")
     if t is dict:
         out = {}
+        quick = limit // 4  # a str of at most this many characters cannot exceed the cap
         for k, v in value.items():
             if type(k) is not str:
                 raise TypeError(f"{where}: key {k!r} is {type(k).__name__}, keys must be str")
-            _check_text(k, where)
-            out[k] = clean(v, f"{where}[{k!r}]", limit, depth + 1)
+            if not k.isascii():
+                _check_text(k, where)
+            # fast path for the common scalar values; the path in `where` is built only when needed
+            tv = type(v)
+            if tv is str and len(v) <= quick and v.isascii():
+                out[k] = v
+            elif v is None or tv is bool or (tv is int and _INT_MIN <= v <= _INT_MAX):
+                out[k] = v
+            else:
+                out[k] = clean(v, f"{where}[{k!r}]", limit, depth + 1)
         return out
     if t is list or t is tuple:
         return [clean(v, f"{where}[{i}]", limit, depth + 1) for i, v in enumerate(value)]
@@ -94,6 +103,8 @@ def check_name(value: Any, where: str, limit: int = 1024) -> str:
 
 
 def _check_text(value: str, where: str) -> None:
+    if value.isascii():
+        return  # ASCII is valid Unicode: no lone surrogates to find
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
