@@ -383,6 +383,29 @@ class Store:
             path, _ = _compactor.compact(self.directory, stem)
         return Path(path)
 
+    def repair(self, session_id: str) -> tuple[int, int, Path] | None:
+        """Cut a corrupt WAL at its first damage, because you asked: the records before it are
+        kept, every byte from it on is moved intact to `<wal>.broken-<offset>`, and the JSON is
+        rebuilt. Returns (offset, bytes moved, path of the copy), or None if nothing was corrupt.
+        Never done implicitly: recover() and appends refuse corrupt WALs."""
+        stem = self._existing_stem(session_id)
+        with _hooks.busy():
+            h = WalHandle(self.directory, stem, self.durability)
+            try:
+                cut = h.cut_at_damage()
+            finally:
+                h.close()
+            with self._lock:  # our cached handle's view of the log may be stale: drop it
+                old = self._handles.pop(stem, None)
+                if old is not None and not self._handle_users.get(id(old)):
+                    old.close()
+                elif old is not None:
+                    self._evicted.add(id(old))
+            if cut is None:
+                return None
+            _compactor.compact(self.directory, stem)
+        return cut[0], cut[1], Path(cut[2])
+
     def recover(self) -> RecoveryReport:
         """Mark crashed every trace whose writers all died; see walspan._recovery."""
         from ._recovery import recover

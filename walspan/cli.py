@@ -153,7 +153,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"ok    {f.wal}: {f.records} records, {f.valid_end} bytes, status {f.status}")
     bad = sum(1 for f in report.files if not f.ok)
     print(f"{len(report.files)} WAL(s) checked, {bad} with errors")
+    if bad:
+        print("to keep a damaged trace's records before the damage and move the rest aside: walspan repair DIR SESSION")
     return 1 if bad else 0
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    store = _store(args.dir)
+    cut = store.repair(args.session)
+    if cut is None:
+        print(f"{args.session}: no corruption found; nothing changed")
+        return 0
+    offset, moved, copy = cut
+    print(f"{args.session}: kept the records before byte offset {offset}; moved {moved} bytes to {copy}")
+    return 0
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
@@ -202,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dir")
     s.add_argument("-v", "--verbose", action="store_true")
     s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser(
+        "repair", help="cut a corrupt WAL at its first damage, moving the rest to <wal>.broken-<offset>"
+    )
+    s.add_argument("dir")
+    s.add_argument("session")
+    s.set_defaults(func=cmd_repair)
 
     s = sub.add_parser("recover", help="mark crashed the traces whose writers all died")
     s.add_argument("dir")
