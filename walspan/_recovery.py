@@ -10,11 +10,15 @@ left untouched.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import psutil
 
 from . import _compactor, _hooks, _liveness
 from ._format import RecordType, unpack_payload
@@ -70,7 +74,32 @@ def recover(store: Store, session_ids: list[str] | None = None) -> RecoveryRepor
                 _recover_session(store, sid, report)
         except CorruptWALError as exc:
             report.corrupt.append(exc)
+        except FileNotFoundError:
+            report.checked -= 1  # deleted since it was listed: nothing left to recover
+    if session_ids is None:
+        _sweep(store)
     return report
+
+
+_TMP_RE = re.compile(r"\.(?:json|wal)\.tmp-(\d+)-[0-9a-f]+$")
+
+
+def _sweep(store: Store) -> None:
+    """Housekeeping after a whole-store recovery: remove the temporary files of compactions and
+    WAL creations whose process is gone (a kill between their write and their rename), and the
+    liveness files of writers proven dead (a kill between creating one and attaching)."""
+    for name in os.listdir(store.directory):
+        m = _TMP_RE.search(name)
+        if m and not psutil.pid_exists(int(m.group(1))):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(store.directory, name))
+    try:
+        live = os.listdir(_liveness.writers_dir(store._internal))
+    except FileNotFoundError:
+        return
+    for name in live:
+        if name.endswith(".live"):
+            _liveness.remove_dead_lock_file(store._internal, name[: -len(".live")])
 
 
 def _recover_session(store: Store, session_id: str, report: RecoveryReport) -> None:
