@@ -4,6 +4,7 @@ stderr with a non-zero exit code, never a traceback."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -176,3 +177,33 @@ def test_module_entry_point(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "walspan.cli", "show", str(tmp_path), "nope"], capture_output=True, text=True, timeout=60, check=False)
     assert bad.returncode == 1
     _one_error_line(bad.stderr)
+
+
+def test_unreadable_wal_does_not_stop_ls_or_compact(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A name that looks like a WAL but cannot be read (a directory, a planted symlink) is
+    reported with its path, and ls/compact still handle every other session (exit 1)."""
+    s = _demo(tmp_path)
+    (tmp_path / "dir.wal").mkdir()
+    os.symlink("/etc/hostname", tmp_path / "evil.wal")
+    assert main(["ls", str(tmp_path)]) == 1
+    cap = capsys.readouterr()
+    assert "ses/1" in cap.out and "ses 2" in cap.out and "Traceback" not in cap.err
+    assert str(tmp_path / "dir.wal") in cap.out and str(tmp_path / "evil.wal") in cap.out
+    assert main(["ls", "--json", str(tmp_path)]) == 1
+    rows = {r["session_id"]: r["status"] for r in json.loads(capsys.readouterr().out)}
+    assert rows == {"ses/1": "completed", "ses 2": "running", "dir": "UNREADABLE", "evil": "UNREADABLE"}
+    s.trace_path("ses/1").unlink()
+    assert main(["compact", str(tmp_path)]) == 1
+    cap = capsys.readouterr()
+    assert s.trace_path("ses/1").exists() and s.trace_path("ses 2").exists()
+    errs = cap.err.strip().splitlines()
+    assert len(errs) == 2 and all(e.startswith("walspan: ") for e in errs)
+    assert any(str(tmp_path / "dir.wal") in e for e in errs) and any(str(tmp_path / "evil.wal") in e for e in errs)
+
+
+def test_show_unreadable_wal_names_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """show of a WAL that cannot be read: one line naming the file, exit 1."""
+    _demo(tmp_path)
+    (tmp_path / "dir.wal").mkdir()
+    assert main(["show", str(tmp_path), "dir"]) == 1
+    assert str(tmp_path / "dir.wal") in _one_error_line(capsys.readouterr().err)

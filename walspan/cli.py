@@ -50,6 +50,13 @@ def _fmt_duration(start: int | None, end: int | None) -> str:
 # -- commands -------------------------------------------------------------------------------
 
 
+def _error_text(exc: OSError | WalspanError, path: os.PathLike[str] | str) -> str:
+    """One line about a WAL that could not be read (an OSError from pread names no file)."""
+    if isinstance(exc, OSError) and not isinstance(exc, WalspanError):
+        return f"{exc.filename or os.fspath(path)}: {exc.strerror or exc}"
+    return str(exc)
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     store = _store(args.dir)
     rows = []
@@ -59,10 +66,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
         except WalspanError as exc:
             rows.append((sid, "CORRUPT", "-", "-", str(exc)))
             continue
+        except OSError as exc:  # e.g. a directory or a planted symlink named like a WAL
+            rows.append((sid, "UNREADABLE", "-", "-", _error_text(exc, store.wal_path(sid))))
+            continue
         rows.append((sid, t["status"], str(len(t["spans"])), _fmt_time(t["start_time"]), t["trace_id"]))
     if args.json:
         print(json.dumps([dict(zip(("session_id", "status", "spans", "started", "trace_id"), r)) for r in rows]))
-        return 0
+        return 1 if any(r[1] in ("CORRUPT", "UNREADABLE") for r in rows) else 0
     if not rows:
         print(f"no traces in {args.dir}")
         return 0
@@ -70,7 +80,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     header = ("SESSION", "STATUS", "SPANS", "STARTED", "TRACE")
     for r in [header, *rows]:
         print("  ".join(c.ljust(widths[i]) for i, c in enumerate(r[:4])) + "  " + r[4])
-    return 1 if any(r[1] == "CORRUPT" for r in rows) else 0
+    return 1 if any(r[1] in ("CORRUPT", "UNREADABLE") for r in rows) else 0
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -81,7 +91,12 @@ def _short(value: Any, limit: int = 60) -> str:
 
 def cmd_show(args: argparse.Namespace) -> int:
     store = _store(args.dir)
-    t = store.load(args.session)
+    try:
+        t = store.load(args.session)
+    except OSError as exc:
+        if isinstance(exc, WalspanError) or exc.filename:
+            raise
+        raise OSError(exc.errno, exc.strerror, os.fspath(store.wal_path(args.session))) from exc
     if args.json:
         print(json.dumps(t, ensure_ascii=False, indent=2, sort_keys=True))
         return 0
@@ -135,8 +150,8 @@ def cmd_compact(args: argparse.Namespace) -> int:
     for sid in sessions:
         try:
             print(store.compact(sid))
-        except WalspanError as exc:
-            print(f"walspan: {exc}", file=sys.stderr)
+        except (WalspanError, OSError) as exc:  # report it, and go on with the other sessions
+            print(f"walspan: error: {_error_text(exc, store.wal_path(sid))}", file=sys.stderr)
             failed += 1
     return 1 if failed else 0
 
