@@ -207,3 +207,17 @@ def test_show_unreadable_wal_names_the_file(tmp_path: Path, capsys: pytest.Captu
     (tmp_path / "dir.wal").mkdir()
     assert main(["show", str(tmp_path), "dir"]) == 1
     assert str(tmp_path / "dir.wal") in _one_error_line(capsys.readouterr().err)
+
+
+def test_verify_goes_on_past_an_unreadable_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """verify reports a JSON it cannot read (here a directory) as an error on that file and still
+    checks every other WAL (exit 1, no abort)."""
+    s = _demo(tmp_path)
+    s.compact("ses 2")
+    bad = s.trace_path("ses/1")
+    bad.unlink()
+    bad.mkdir()
+    assert main(["verify", str(tmp_path)]) == 1
+    cap = capsys.readouterr()
+    assert cap.err == ""
+    assert f"ERROR {bad}" in cap.out and "2 WAL(s) checked, 1 with errors" in cap.out

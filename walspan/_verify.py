@@ -86,6 +86,9 @@ def _verify_json(json_path: str, wal_path: str, salt: int, check: FileCheck) -> 
     except FileNotFoundError:
         check.notes.append(f"{json_path}: not compacted yet")
         return
+    except OSError as exc:  # e.g. a directory in its place: an error on this file, not an abort
+        check.errors.append(f"{json_path}: cannot read: {exc.strerror or exc}")
+        return
     try:
         doc = json.loads(raw)
         wal = doc["wal"]
