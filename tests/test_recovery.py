@@ -195,9 +195,9 @@ def test_cli_recover_prints_what_it_changed(tmp_path: Path, capsys: pytest.Captu
     assert cli.main(["recover", str(tmp_path)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("s: crashed: writer(s) ")
-    assert out[-1] == "2 session(s) checked, 1 change(s), 0 corrupt"
+    assert out[-1] == "2 session(s) checked, 1 change(s), 0 corrupt or unreadable"
     assert cli.main(["recover", str(tmp_path)]) == 0
-    assert capsys.readouterr().out.splitlines() == ["2 session(s) checked, 0 change(s), 0 corrupt"]
+    assert capsys.readouterr().out.splitlines() == ["2 session(s) checked, 0 change(s), 0 corrupt or unreadable"]
     wal = tmp_path / "idle.wal"
     data = bytearray(wal.read_bytes())
     data[60] ^= 0xFF

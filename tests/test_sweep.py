@@ -39,3 +39,21 @@ def test_recover_sweeps_leftovers_of_dead_processes_only(tmp_path: Path) -> None
     assert set(os.listdir(writers)) == own
     trace.start_span("still attached").end()
     trace.close()
+
+
+def test_an_unreadable_session_does_not_stop_the_others_recovery(tmp_path: Path) -> None:
+    """A directory planted under a WAL's name is reported as unreadable by recover(), and the
+    other sessions are still recovered (invariant 9: sessions are isolated)."""
+    d = tmp_path / "d"
+    code = (
+        "import os, sys, walspan\n"
+        "t = walspan.Store(sys.argv[1], install_hooks=False).open('dead')\n"
+        "t.start_span('x')\n"
+        "os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(d)], check=True, timeout=60)
+    (d / "aaa.wal").mkdir()  # sorts before "dead"
+    store = walspan.Store(d, install_hooks=False)
+    report = store.recover()
+    assert report.crashed == ["dead"]
+    assert len(report.unreadable) == 1 and str(report.unreadable[0].filename).endswith("aaa.wal")

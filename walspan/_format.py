@@ -86,9 +86,11 @@ def decode_file_header(data: bytes) -> int:
     magic, version, hdr_len, _flags, salt = _FILE_HEADER.unpack_from(data, 0)
     if magic != MAGIC:
         raise HeaderError(f"bad magic {magic!r}: not a walspan WAL")
-    crc, _reserved = _FILE_HEADER_TAIL.unpack_from(data, _FILE_HEADER.size)
+    crc, reserved = _FILE_HEADER_TAIL.unpack_from(data, _FILE_HEADER.size)
     if zlib.crc32(data[: _FILE_HEADER.size]) != crc:
         raise HeaderError("file header checksum mismatch")
+    if reserved != 0:  # outside the crc, so checked here: no byte of the header goes unchecked
+        raise HeaderError(f"reserved header bytes are {reserved:#x}, expected 0")
     if version != FORMAT_VERSION:
         raise HeaderError(f"format version {version} is not supported (this walspan reads {FORMAT_VERSION})")
     if hdr_len != FILE_HEADER_SIZE:

@@ -47,6 +47,7 @@ class RecoveryReport:
     checked: int = 0
     actions: list[RecoveryAction] = field(default_factory=list)
     corrupt: list[CorruptWALError] = field(default_factory=list)
+    unreadable: list[OSError] = field(default_factory=list)  # e.g. a directory named S.wal
 
     @property
     def crashed(self) -> list[str]:
@@ -76,6 +77,8 @@ def recover(store: Store, session_ids: list[str] | None = None) -> RecoveryRepor
             report.corrupt.append(exc)
         except FileNotFoundError:
             report.checked -= 1  # deleted since it was listed: nothing left to recover
+        except OSError as exc:  # one unreadable session must not stop the others' recovery
+            report.unreadable.append(exc)
     if session_ids is None:
         _sweep(store)
     return report

@@ -1,7 +1,7 @@
 """User values: what may go into a trace, and the one rule that caps large values.
 
 Values must be JSON-representable, because the canonical trace is JSON: None, bool, int
-(signed 64-bit), finite float, str, list/tuple of values, dict with str keys. Anything else is
+(in [-2**63, 2**64), what msgpack carries), finite float, str, list/tuple of values, dict with str keys. Anything else is
 refused at the call with a TypeError/ValueError naming where it was (e.g. attributes["a"][2]),
 before anything is written.
 

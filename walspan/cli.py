@@ -12,7 +12,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
-from ._names import encode_session_id
 from ._store import Store
 from ._verify import verify_dir
 from .errors import WalspanError
@@ -191,8 +190,11 @@ def cmd_recover(args: argparse.Namespace) -> int:
         print(action)
     for exc in report.corrupt:
         print(f"CORRUPT {exc}")
-    print(f"{report.checked} session(s) checked, {len(report.actions)} change(s), {len(report.corrupt)} corrupt")
-    return 1 if report.corrupt else 0
+    for err in report.unreadable:
+        print(f"UNREADABLE {err.filename}: {err.strerror or err}")
+    bad = len(report.corrupt) + len(report.unreadable)
+    print(f"{report.checked} session(s) checked, {len(report.actions)} change(s), {bad} corrupt or unreadable")
+    return 1 if bad else 0
 
 
 # -- entry point ----------------------------------------------------------------------------
