@@ -7,7 +7,7 @@ ever used on a file, never fcntl/lockf record locks: those are dropped when *any
 of the file is closed, and mixing the two kinds is undefined.
 
 flock locks belong to the open file description: a fork() child shares its parent's locks
-through inherited descriptors. The after-fork hook (see _process) therefore only closes the
+through inherited descriptors. The after-fork hook (see _hooks) therefore only closes the
 child's copies, never unlocks them.
 """
 

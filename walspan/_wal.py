@@ -105,7 +105,7 @@ def create_wal(wal_path: str, salt: int, first_record: bytes) -> bool:
 class WalHandle:
     """Open descriptors on one session's WAL, lock file and shared state, for one process.
 
-    Thread-safe. Not fork-safe by itself: the owner drops it in a forked child (see _process).
+    Thread-safe. Not fork-safe by itself: the Store abandons it in a forked child (see _hooks).
     """
 
     def __init__(self, store_dir: str, stem: str, durability: str) -> None:
