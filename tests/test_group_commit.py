@@ -97,53 +97,66 @@ def test_threads_whose_records_a_flush_covers_do_not_flush(store_dir: Path, monk
     assert _events_per_span(store_dir, "s") == {f"t{i}": [0] for i in range(n)}
 
 
-def test_record_written_after_a_flush_began_gets_its_own_flush_without_queueing(
-    store_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A record written while a flush is already in flight is not covered by it: its writer
-    runs its own fdatasync at once (it does not wait for the one in flight, which here cannot
-    finish until it has returned) and returns with durable_end past its record."""
+def test_threads_that_write_during_a_flush_share_the_next_one(store_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records that two threads write while a third thread's flush is in flight are not covered
+    by it; they wait for it (within a process one flush runs at a time) and are then covered
+    together by one more flush: 3 appends, exactly 2 fdatasyncs, each append returning with
+    durable_end past its record."""
     store = walspan.Store(store_dir, install_hooks=False)
     trace = store.open("s")
-    first, second = trace.start_span("first"), trace.start_span("second")
+    spans = {name: trace.start_span(name) for name in ("a", "b", "c")}
     wal = str(store.wal_path("s"))
     counter, lock = [0], threading.Lock()
-    flushing, second_done = threading.Event(), threading.Event()
+    flushing = threading.Event()
+    entered = threading.Barrier(3, timeout=WAIT)  # b and c have written their records, and the main thread
     stalled = threading.local()
 
     def then() -> None:
         if getattr(stalled, "on", False):
             stalled.on = False
             flushing.set()
-            assert second_done.wait(WAIT), "the second writer queued behind a flush that did not cover it"
+            entered.wait()  # b's and c's records are written: this flush began before them
 
     monkeypatch.setattr(_fsutil.faults, "hook", _count_wal_fsyncs(wal, counter, lock, then))
+    original = WalHandle.wait_durable
+    armed = threading.local()
+    acks: list[tuple[str, int, int]] = []
+
+    def wait_durable(self: WalHandle, end: int) -> None:
+        name = getattr(armed, "name", None)
+        if name in ("b", "c"):
+            entered.wait()
+        original(self, end)
+        if name is not None:
+            with lock:
+                acks.append((name, end, self._durable_end()))
+
+    monkeypatch.setattr(WalHandle, "wait_durable", wait_durable)
     errors: list[BaseException] = []
 
-    def run_first() -> None:
+    def run(name: str) -> None:
         try:
-            stalled.on = True
-            first.add_event("e", {"n": 0})
+            armed.name = name
+            stalled.on = name == "a"
+            spans[name].add_event("e", {"n": 0})
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    t = threading.Thread(target=run_first)
-    t.start()
+    first = threading.Thread(target=run, args=("a",))
+    first.start()
     assert flushing.wait(WAIT)
-    h = store._acquire_handle(store._session("s").stem)
-    try:
-        second.add_event("e", {"n": 0})  # written after the first flush read its target
-        end = os.path.getsize(wal)
-        assert h._durable_end() >= end
-    finally:
-        store._release_handle(h)
-    second_done.set()
-    t.join(WAIT)
+    others = [threading.Thread(target=run, args=(name,)) for name in ("b", "c")]
+    for t in others:
+        t.start()
+    for t in [first, *others]:
+        t.join(WAIT)
     assert not errors
-    assert counter[0] == 2
+    assert counter[0] == 2, f"{counter[0]} fdatasyncs for 3 appends"
+    assert sorted(a[0] for a in acks) == ["a", "b", "c"]
+    assert all(durable >= end for _name, end, durable in acks), acks
     trace.close()
     store.close()
-    assert _events_per_span(store_dir, "s") == {"first": [0], "second": [0]}
+    assert _events_per_span(store_dir, "s") == {"a": [0], "b": [0], "c": [0]}
 
 
 def test_a_failed_flush_is_not_acknowledged_to_the_threads_it_covered(
@@ -364,3 +377,69 @@ def test_free_running_processes_every_acknowledged_append_is_covered(store_dir: 
     assert all(r[3] == [] for r in results), [r[3] for r in results if r[3]]
     assert 1 <= sum(r[2] for r in results) <= n * per
     assert _events_per_span(store_dir, "s") == {f"p{i}": list(range(per)) for i in range(n)}
+
+
+def _stalled_leader(store_dir: str, flushing: Any, second_done: Any, out: Any) -> None:
+    try:
+        store = walspan.Store(store_dir, install_hooks=False)
+        trace = store.open("s")
+        span = trace.start_span("first")
+        wal = str(store.wal_path("s"))
+        armed = [True]
+
+        def hook(op: str, path: str) -> None:
+            if op == "fsync" and path == wal and armed[0]:
+                armed[0] = False
+                flushing.set()
+                assert second_done.wait(WAIT), "the second writer queued behind a flush that did not cover it"
+
+        _fsutil.faults.hook = hook
+        span.add_event("e", {"n": 0})
+        _fsutil.faults.hook = None
+        trace.close()
+        store.close()
+        out.put(("ok", ""))
+    except BaseException as exc:  # pragma: no cover - reported by the test
+        out.put(("error", repr(exc)))
+
+
+def test_a_process_does_not_queue_behind_another_process_flush_that_cannot_cover_it(store_dir: Path) -> None:
+    """A record written after another process's flush began is not covered by that flush: its
+    writer runs its own fdatasync at once (it returns while the other flush is still stalled
+    in the fault hook, holding the flush lock), with durable_end past its record."""
+    store = walspan.Store(store_dir, install_hooks=False)
+    trace = store.open("s")
+    span = trace.start_span("second")
+    ctx = mp.get_context("fork")
+    flushing, second_done, out = ctx.Event(), ctx.Event(), ctx.Queue()
+    p = ctx.Process(target=_stalled_leader, args=(str(store_dir), flushing, second_done, out))
+    p.start()
+    try:
+        assert flushing.wait(WAIT)
+        wal = str(store.wal_path("s"))
+        calls = [0]
+
+        def hook(op: str, path: str) -> None:
+            if op == "fsync" and path == wal:
+                calls[0] += 1
+
+        _fsutil.faults.hook = hook
+        try:
+            span.add_event("e", {"n": 0})  # written after the other process's flush read its target
+        finally:
+            _fsutil.faults.hook = None
+        end = os.path.getsize(wal)
+        h = store._acquire_handle(store._session("s").stem)
+        try:
+            assert h._durable_end() >= end
+        finally:
+            store._release_handle(h)
+        assert calls[0] == 1
+    finally:
+        second_done.set()
+        result = out.get(timeout=WAIT)
+        p.join(WAIT)
+    assert result == ("ok", "")
+    trace.close()
+    store.close()
+    assert _events_per_span(store_dir, "s") == {"first": [0], "second": [0]}

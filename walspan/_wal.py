@@ -25,17 +25,20 @@ read racing a store is detected (and treated as "unknown"), never taken for a la
 Group commit. After its write, an append needs its record (ending at E) durable:
 
 1. durable_end >= E: it returns at once, no flush of its own.
-2. Within a process (threads): if a flush this process has in flight began after E was
-   written (its target >= E), the thread waits for it (a Condition) instead of flushing.
-3. Otherwise one thread per process at a time tries the flush lock without blocking. The
-   leader who gets it reads written_end W, publishes W as flush_hint, runs one fdatasync and
-   raises durable_end to W. A writer who finds the lock taken and flush_hint >= E waits for
-   that flush with a *shared* flock (every such waiter wakes at once when the leader is done,
-   with no hand-off from waiter to waiter), then looks at durable_end again.
-4. A writer whose record the flush in flight does not cover (it was written after that flush
-   began) does not queue behind it: it reads W and runs its own fdatasync at once, beside the
-   leader's. The kernel merges overlapping fdatasyncs of one file into one journal commit, so
-   serialising them here would only add a hand-off per flush.
+2. Within a process (threads), at most one flush runs at a time: a thread that finds one in
+   flight waits for it (a Condition). If it covers E, the thread returns; if not (E was written
+   after it began), the first thread to wake leads the next flush, which covers every record
+   its process's threads wrote meanwhile: one fdatasync for the whole batch.
+3. Across processes, that one thread tries the flush lock without blocking. The leader who
+   gets it reads written_end W, publishes W as flush_hint, runs one fdatasync and raises
+   durable_end to W. A writer who finds the lock taken and flush_hint >= E waits for that
+   flush with a *shared* flock (every such waiter wakes at once when the leader is done, with
+   no hand-off from waiter to waiter), then looks at durable_end again.
+4. A writer whose record another process's flush in flight does not cover (it was written
+   after that flush began) does not queue behind it: it reads W and runs its own fdatasync
+   at once, beside the leader's. The kernel merges overlapping fdatasyncs of one file into one
+   journal commit, so serialising processes here would only add a slow flock hand-off per
+   flush (measured: slower than no sharing at all).
 
 Why an acknowledged record is durable: an append returns only (a) after observing
 durable_end >= E, or (b) after an fdatasync of its own that began after its record was
@@ -315,34 +318,24 @@ class WalHandle:
                     raise self._failed
                 if self._durable_end() >= end:
                     return
-                if self._inflight and max(self._inflight) >= end:
-                    self._waiting += 1
-                    try:
-                        cv.wait()  # a flush of this process that covers `end` is running
-                    finally:
-                        self._waiting -= 1
-                    continue
-                target = self._complete_end(end)
-                leader = not self._probing
-                if leader:
-                    self._probing = True
-                self._inflight.append(target)
-                break
+                if not self._flushing:
+                    break
+                self._waiting += 1
+                try:
+                    cv.wait()  # this process's flush in flight covers `end`, or we lead the next one
+                finally:
+                    self._waiting -= 1
+            self._flushing = True
         try:
-            if leader:
-                self._flush_across_processes(end, target)
-            else:
-                self._sync_and_raise(target)
+            self._flush_across_processes(end)
         finally:
             with cv:
-                self._inflight.remove(target)
-                if leader:
-                    self._probing = False
+                self._flushing = False
                 if self._waiting:
                     cv.notify_all()
 
-    def _flush_across_processes(self, end: int, target: int) -> None:
-        """One thread per process: lead a flush, wait for one in flight, or flush beside it."""
+    def _flush_across_processes(self, end: int) -> None:
+        """This process's one flush: lead one, wait for one in flight, or flush beside it."""
         if _locking.try_lock(self._shm_fd):
             try:
                 if self._durable_end() >= end:
@@ -358,8 +351,8 @@ class WalHandle:
             _locking.unlock(self._shm_fd)
             if self._durable_end() >= end:
                 return
-            target = self._complete_end(end)  # the leader failed, or the hint was stale
-        self._sync_and_raise(target)
+            # the leader failed, or the hint was stale: flush ourselves
+        self._sync_and_raise(self._complete_end(end))
 
     def _sync_and_raise(self, target: int) -> None:
         """fdatasync, then raise durable_end to `target` (a written_end read before it)."""
@@ -389,8 +382,7 @@ class WalHandle:
 
     def _init_flush_state(self) -> None:
         self._flush_cv = threading.Condition(threading.Lock())
-        self._inflight: list[int] = []  # targets of this process's flushes in flight
-        self._probing = False  # a thread of this process is leading or waiting on the flush lock
+        self._flushing = False  # a thread of this process is flushing (or waiting on another process's flush)
         self._waiting = 0  # threads waiting on _flush_cv
 
     # -- lifecycle ------------------------------------------------------------------------
