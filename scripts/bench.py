@@ -775,7 +775,9 @@ def have_clh() -> bool:
 
 def machine_info(root: str) -> dict[str, Any]:
     try:
-        fs = subprocess.run(["stat", "-f", "-c", "%T", root], capture_output=True, text=True, timeout=10).stdout.strip()
+        fs = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "--target", root], capture_output=True, text=True,
+                            timeout=10).stdout.strip()
+        fs = fs or subprocess.run(["stat", "-f", "-c", "%T", root], capture_output=True, text=True, timeout=10).stdout.strip()
     except Exception:
         fs = "?"
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
