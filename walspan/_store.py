@@ -122,7 +122,7 @@ class Store:
     def _read_session_id(self, wal_path: str) -> str | None:
         try:
             first = read_first_record(wal_path)
-        except (OSError, ValueError):
+        except (OSError, ValueError, WalspanError):  # unreadable: not listed (verify reports it)
             return None
         sid = first.get("session_id")
         return sid if isinstance(sid, str) else None
