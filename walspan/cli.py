@@ -13,6 +13,7 @@ from typing import Any
 
 from . import __version__
 from ._store import Store
+from ._stress import register as register_stress
 from ._verify import verify_dir
 from .errors import WalspanError
 
@@ -244,12 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dir")
     s.set_defaults(func=cmd_recover)
 
-    try:
-        from ._stress import register as register_stress
-    except ImportError:  # pragma: no cover - only while the stress module is being written
-        register_stress = None
-    if register_stress is not None:
-        register_stress(sub)
+    register_stress(sub)
     return p
 
 
