@@ -13,6 +13,7 @@ chosen call fail (ENOSPC, EIO) or pause; in production it is a no-op.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -91,17 +92,27 @@ def tmp_name(final: str) -> str:
     return f"{final}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def atomic_replace(final: str, data: bytes, *, before_rename: Callable[[], None] | None = None) -> None:
-    """Replace `final` with `data` so that a crash leaves the old file or the new, never a mix."""
-    directory = os.path.dirname(final) or "."
+def _write_synced_tmp(final: str, data: bytes) -> str:
+    """A new temporary file beside `final` holding `data`, fsynced; its path."""
     tmp = tmp_name(final)
     fd = open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
-        try:
-            write_all(fd, data, 0, tmp)
-            sync_data(fd, tmp)
-        finally:
-            os.close(fd)
+        write_all(fd, data, 0, tmp)
+        sync_data(fd, tmp)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    os.close(fd)
+    return tmp
+
+
+def atomic_replace(final: str, data: bytes, *, before_rename: Callable[[], None] | None = None) -> None:
+    """Replace `final` with `data` so that a crash leaves the old file or the new, never a mix."""
+    directory = os.path.dirname(final) or "."
+    tmp = _write_synced_tmp(final, data)
+    try:
         if before_rename is not None:
             before_rename()
         faults("replace", final)
@@ -122,14 +133,8 @@ def create_exclusive(final: str, data: bytes) -> bool:
     sees a half-written file under the final name, and two racing creators cannot both win.
     """
     directory = os.path.dirname(final) or "."
-    tmp = tmp_name(final)
-    fd = open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    tmp = _write_synced_tmp(final, data)
     try:
-        try:
-            write_all(fd, data, 0, tmp)
-            sync_data(fd, tmp)
-        finally:
-            os.close(fd)
         faults("link", final)
         try:
             if hasattr(os, "link"):

@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from ._store import Store
 
 _T = RecordType
-_WRITER_TYPES = frozenset({int(_T.WRITER_ATTACH), int(_T.WRITER_DETACH), int(_T.WRITER_LOST)})
 
 
 @dataclass
@@ -128,19 +127,7 @@ def _recover_session(store: Store, session_id: str, report: RecoveryReport) -> N
                 )
                 changed = True
             if not wal.terminal_off:
-                attached: dict[str, dict[str, Any]] = {}
-                last_off = 0
-                for off, rtype, _seq, payload in wal.records(decode_types=_WRITER_TYPES):
-                    last_off = off
-                    if payload is None:
-                        continue
-                    p = unpack_payload(payload)
-                    if rtype == _T.WRITER_ATTACH:
-                        attached[p["writer"]] = p
-                    elif rtype == _T.WRITER_DETACH:
-                        attached.pop(p["writer"], None)
-                    else:
-                        attached.pop(p["lost"], None)
+                attached, last_off = wal.attached_writers()
                 alive = []
                 for wid, p in attached.items():
                     if wid == own or _liveness.writer_alive(internal, p):

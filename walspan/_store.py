@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("walspan")
 
 _T = RecordType
-_WRITER_TYPES = frozenset({int(_T.WRITER_ATTACH), int(_T.WRITER_DETACH), int(_T.WRITER_LOST)})
 
 
 class _Session:
@@ -236,25 +235,9 @@ class Store:
         finally:
             self._release_handle(h)
 
-    @staticmethod
-    def _attached_writers(wal: Any) -> dict[str, dict[str, Any]]:
-        """Under the append lock: the attach records of writers neither detached nor lost."""
-        attached: dict[str, dict[str, Any]] = {}
-        for _off, rtype, _seq, payload in wal.records(decode_types=_WRITER_TYPES):
-            if payload is None:
-                continue
-            p = unpack_payload(payload)
-            if rtype == _T.WRITER_ATTACH:
-                attached[p["writer"]] = p
-            elif rtype == _T.WRITER_DETACH:
-                attached.pop(p["writer"], None)
-            else:
-                attached.pop(p["lost"], None)
-        return attached
-
     def _mark_lost_writers(self, wal: Any, own_writer_id: str) -> list[dict[str, Any]]:
         """Under the append lock: record every attached writer proven dead as lost."""
-        attached = self._attached_writers(wal)
+        attached, _last = wal.attached_writers()
         lost = []
         for wid, p in attached.items():
             if wid == own_writer_id or _liveness.writer_alive(self._internal, p):
@@ -348,7 +331,7 @@ class Store:
             with _hooks.busy(), h.locked() as wal:
                 if wal.terminal_off:
                     return True  # already ended: nothing to record
-                others = {wid: p for wid, p in self._attached_writers(wal).items() if wid != writer.writer_id}
+                others = {wid: p for wid, p in wal.attached_writers()[0].items() if wid != writer.writer_id}
                 if not any(_liveness.writer_alive(self._internal, p) for p in others.values()):
                     return False
                 payload = {"lost": writer.writer_id, "message": message, "time": time.time_ns(), "by": writer.writer_id}

@@ -89,6 +89,8 @@ _U32 = struct.Struct("<I")
 _STATE_CRC = struct.Struct("<QQQQI")
 _DURABLE = struct.Struct("<QI")
 _TERMINAL = int(RecordType.TERMINAL)
+_ATTACH, _DETACH = int(RecordType.WRITER_ATTACH), int(RecordType.WRITER_DETACH)
+_WRITER_TYPES = frozenset({_ATTACH, _DETACH, int(RecordType.WRITER_LOST)})
 _SLOW_FSYNC_NS = 1_000_000_000
 
 DURABLE = "durable"
@@ -470,6 +472,24 @@ class LockedWal:
             if self.terminal_off >= scan.end:
                 self.terminal_off = 0
             h._store_state(self.end, self.last_seq, self.terminal_off)
+
+    def attached_writers(self) -> tuple[dict[str, dict[str, Any]], int]:
+        """The attach records of writers neither detached nor lost, and the offset of the last
+        record (its time is when the log was last written)."""
+        attached: dict[str, dict[str, Any]] = {}
+        last = 0
+        for off, rtype, _seq, payload in self.records(decode_types=_WRITER_TYPES):
+            last = off
+            if payload is None:
+                continue
+            p = unpack_payload(payload)
+            if rtype == _ATTACH:
+                attached[p["writer"]] = p
+            elif rtype == _DETACH:
+                attached.pop(p["writer"], None)
+            else:
+                attached.pop(p["lost"], None)
+        return attached, last
 
 
 def check_durability(value: object) -> str:
