@@ -60,8 +60,8 @@ def test_show_prints_span_tree(tmp_path: Path, capsys: pytest.CaptureFixture[str
     out = capsys.readouterr().out
     assert "completed" in out and "bash [tool]" in out
     lines = out.splitlines()
-    bash = next(i for i, l in enumerate(lines) if "bash [tool]" in l)
-    child = next(i for i, l in enumerate(lines) if "child [span]" in l)
+    bash = next(i for i, line in enumerate(lines) if "bash [tool]" in line)
+    child = next(i for i, line in enumerate(lines) if "child [span]" in line)
     assert child > bash and lines[child].index("child") > lines[bash].index("bash")
     assert main(["show", "-v", str(tmp_path), "ses/1"]) == 0
     out = capsys.readouterr().out

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from walfiles import build_wal, flip_byte, record_offsets, truncate
+from walfiles import build_wal, copy_wal_alone, flip_byte, record_offsets, truncate
 
-from walspan import CorruptWALError, _reader
+import walspan
+from walspan import CorruptWALError, _compactor, _fsutil, _reader, _verify
 from walspan._format import FILE_HEADER_SIZE, RECORD_HEADER_SIZE, RecordType
 
 SALT = 0xDEADBEEFCAFEF00D
@@ -217,11 +218,6 @@ def test_resume_scan_from_known_boundary(tmp_path: Path) -> None:
 
 # -- through the public API: torn tails at every offset, bit flips, garbage sectors ------------
 
-
-from walfiles import copy_wal_alone
-
-import walspan
-from walspan import _compactor, _fsutil, _verify
 
 SID = "ses/torn:1"
 
