@@ -79,7 +79,11 @@ def fsync_dir(path: str) -> None:
 def write_all(fd: int, data: bytes | memoryview, offset: int, path: str) -> None:
     """pwrite all of `data` at `offset` (a short write is continued, not ignored)."""
     faults("write", path)
-    view = memoryview(data)
+    n = os.pwrite(fd, data, offset)
+    if n == len(data):
+        return
+    view = memoryview(data)[n:]
+    offset += n
     while view:
         n = os.pwrite(fd, view, offset)
         if n <= 0:  # pragma: no cover - pwrite raises instead on real errors

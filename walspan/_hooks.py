@@ -22,8 +22,7 @@ import signal
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -66,18 +65,28 @@ def stores() -> list[Store]:
 # -- re-entrancy guard --------------------------------------------------------------------
 
 
-@contextmanager
-def busy() -> Iterator[None]:
-    """Mark this thread as inside a walspan call; run deferred signal work when it leaves."""
-    depth = getattr(_local, "depth", 0)
-    _local.depth = depth + 1
-    try:
-        yield
-    finally:
+class _Busy:
+    """Mark this thread as inside a walspan call; run deferred signal work when it leaves.
+    A class, not a generator context manager: it wraps every append (hot path)."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        _local.depth = getattr(_local, "depth", 0) + 1
+
+    def __exit__(self, *exc: object) -> None:
+        depth = _local.depth - 1
         _local.depth = depth
         while depth == 0 and _pending_signals and threading.current_thread() is threading.main_thread():
             signum = _pending_signals.pop(0)
             _on_signal(signum, None)
+
+
+_BUSY = _Busy()
+
+
+def busy() -> _Busy:
+    return _BUSY
 
 
 def _is_busy() -> bool:

@@ -86,8 +86,6 @@ class Store:
         self._lock = threading.RLock()
         self._sessions: dict[str, _Session] = {}
         self._handles: OrderedDict[str, WalHandle] = OrderedDict()
-        self._handle_users: dict[int, int] = {}
-        self._evicted: set[int] = set()
         self._writer: _liveness.ProcessWriter | None = None
         _hooks.register(self)
 
@@ -155,24 +153,22 @@ class Store:
                 h = WalHandle(self.directory, stem, self.durability)
                 self._handles[stem] = h
                 while len(self._handles) > self.max_open_files:
-                    _old_stem, old = self._handles.popitem(last=False)
-                    if self._handle_users.get(id(old), 0):
-                        self._evicted.add(id(old))  # closed when its last user releases it
-                    else:
-                        old.close()
-            self._handle_users[id(h)] = self._handle_users.get(id(h), 0) + 1
+                    self._retire(self._handles.popitem(last=False)[1])
+            h.users += 1
             return h
 
     def _release_handle(self, h: WalHandle) -> None:
         with self._lock:
-            n = self._handle_users[id(h)] - 1
-            if n:
-                self._handle_users[id(h)] = n
-                return
-            del self._handle_users[id(h)]
-            if id(h) in self._evicted:
-                self._evicted.discard(id(h))
+            h.users -= 1
+            if h.retired and not h.users:
                 h.close()
+
+    def _retire(self, h: WalHandle) -> None:
+        """Under self._lock, once `h` left the LRU: close it now, or when its last user is done."""
+        if h.users:
+            h.retired = True
+        else:
+            h.close()
 
     # -- attaching ------------------------------------------------------------------------
 
@@ -380,10 +376,8 @@ class Store:
                 h.close()
             with self._lock:  # our cached handle's view of the log may be stale: drop it
                 old = self._handles.pop(stem, None)
-                if old is not None and not self._handle_users.get(id(old)):
-                    old.close()
-                elif old is not None:
-                    self._evicted.add(id(old))
+                if old is not None:
+                    self._retire(old)
             if cut is None:
                 return None
             _compactor.compact(self.directory, stem)
@@ -417,10 +411,7 @@ class Store:
                 first_error = first_error or exc
         with self._lock:
             for h in self._handles.values():
-                if not self._handle_users.get(id(h)):
-                    h.close()
-                else:
-                    self._evicted.add(id(h))
+                self._retire(h)
             self._handles.clear()
             if self._writer is not None and self._writer.pid == os.getpid():
                 self._writer.release()
@@ -442,8 +433,6 @@ class Store:
         for h in self._handles.values():
             h.abandon()
         self._handles.clear()
-        self._handle_users.clear()
-        self._evicted.clear()
         for s in self._sessions.values():
             s.attached_pid = 0
             s.refs = 0

@@ -87,6 +87,7 @@ _STATE = struct.Struct("<QQQQ")  # salt, written_end, last_seq, terminal_off
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 _STATE_CRC = struct.Struct("<QQQQI")
+_MAGIC_STATE_CRC = struct.Struct("<8sQQQQI")
 _DURABLE = struct.Struct("<QI")
 _TERMINAL = int(RecordType.TERMINAL)
 _ATTACH, _DETACH = int(RecordType.WRITER_ATTACH), int(RecordType.WRITER_DETACH)
@@ -122,6 +123,8 @@ class WalHandle:
         self._init_flush_state()
         self._failed: DurabilityError | None = None
         self._closed = False
+        self.users = 0  # owned by the Store's descriptor cache (under its lock)
+        self.retired = False  # left that cache: close when the last user is done
         self._fds: list[int] = []
         try:
             self.fd = self._open(self.path, os.O_RDWR)
@@ -147,11 +150,9 @@ class WalHandle:
 
     def _load_state(self, size: int) -> tuple[int, int, int] | None:
         """(written_end, last_seq, terminal_off) if the shared state is trustworthy for `size`."""
-        shm = self._shm
-        if shm[0:8] != _SHM_MAGIC:
-            return None
-        salt, written_end, last_seq, terminal_off = _STATE.unpack_from(shm, 8)
-        if salt != self.salt or _U32.unpack_from(shm, 40)[0] != zlib.crc32(shm[8:40]):
+        snap = self._shm[0:44]  # one copy: magic, the four fields and their crc
+        magic, salt, written_end, last_seq, terminal_off, crc = _MAGIC_STATE_CRC.unpack(snap)
+        if magic != _SHM_MAGIC or salt != self.salt or crc != zlib.crc32(snap[8:40]):
             return None
         if not FILE_HEADER_SIZE <= written_end <= size:
             return None
@@ -159,9 +160,7 @@ class WalHandle:
 
     def _store_state(self, written_end: int, last_seq: int, terminal_off: int) -> None:
         packed = _STATE.pack(self.salt, written_end, last_seq, terminal_off)
-        self._shm[8:44] = packed + _U32.pack(zlib.crc32(packed))
-        if self._shm[0:8] != _SHM_MAGIC:
-            self._shm[0:8] = _SHM_MAGIC
+        self._shm[0:44] = _SHM_MAGIC + packed + _U32.pack(zlib.crc32(packed))
 
     def _durable_end(self) -> int:
         snap = self._shm[48:60]
