@@ -56,7 +56,8 @@ import tempfile
 import threading
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
@@ -919,7 +920,7 @@ def evaluate_targets(res: dict[str, Any]) -> list[dict[str, Any]]:
     rec = res.get("recovery")
     if rec:
         add(f"recover() over {rec['sessions']:,} dead sessions (s)", rec["first_seconds"], "< 2 s", rec["first_seconds"] < 2 and not rec["void"])
-        add(f"recover() again, nothing to do (s)", rec["noop_seconds"], "< 2 s", rec["noop_seconds"] < 2)
+        add("recover() again, nothing to do (s)", rec["noop_seconds"], "< 2 s", rec["noop_seconds"] < 2)
     return targets
 
 

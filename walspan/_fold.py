@@ -17,6 +17,7 @@ Rules beyond the obvious ones (docs/FORMAT.md, "Fold"):
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from ._format import RecordType
@@ -252,7 +253,7 @@ def dumps(trace: dict[str, Any]) -> bytes:
     )
 
 
-_HANDLERS = {
+_HANDLERS: dict[int, Callable[[TraceFold, dict[str, Any]], None]] = {
     _T.TRACE_START: TraceFold._trace_start,
     _T.WRITER_ATTACH: TraceFold._attach,
     _T.WRITER_DETACH: TraceFold._detach,

@@ -114,6 +114,10 @@ class WalHandle:
     Thread-safe. Not fork-safe by itself: the Store abandons it in a forked child (see _hooks).
     """
 
+    _flush_cv: threading.Condition
+    _flushing: bool
+    _waiting: int
+
     def __init__(self, store_dir: str, stem: str, durability: str) -> None:
         self.stem = stem
         self.path = os.path.join(store_dir, stem + ".wal")
@@ -383,7 +387,7 @@ class WalHandle:
 
     def _init_flush_state(self) -> None:
         self._flush_cv = threading.Condition(threading.Lock())
-        self._flushing = False  # a thread of this process is flushing (or waiting on another process's flush)
+        self._flushing = False  # a thread of this process is flushing (or waiting on another's)
         self._waiting = 0  # threads waiting on _flush_cv
 
     # -- lifecycle ------------------------------------------------------------------------
