@@ -16,6 +16,7 @@ then defers its work to the moment the call returns (see `busy`), instead of dea
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import signal
@@ -141,6 +142,13 @@ def _install_signal_handlers() -> None:
         log.debug("walspan: writer attached outside the main thread; signal hooks deferred")
         return
     _signals_installed = True
+    if _in_multiprocessing_child():
+        # Not in multiprocessing children: Pool.terminate() stops its workers with SIGTERM and
+        # then joins them. A Python-level handler only runs when the main thread executes
+        # bytecode, and a worker whose SIGTERM lands just before it blocks in the task queue's
+        # semaphore never runs it: the worker never dies and terminate() hangs (reproduced).
+        # With the default disposition the kernel kills the worker; recovery records it lost.
+        return
     for signum in HANDLED_SIGNALS:
         try:
             prev = signal.getsignal(signum)
@@ -226,10 +234,18 @@ def detach_all() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _install_lock
+    global _install_lock, _signals_installed
     _install_lock = threading.Lock()  # another thread may have held it at fork time
     _local.__dict__.clear()
     _pending_signals.clear()
+    # Give the child back the dispositions it had before walspan: it installs its own handlers
+    # when it attaches a writer (and none in a multiprocessing child, see above).
+    for signum, prev in list(_previous.items()):
+        with contextlib.suppress(ValueError, OSError, TypeError):
+            if signal.getsignal(signum) is _on_signal:
+                signal.signal(signum, prev)
+    _previous.clear()
+    _signals_installed = False
     for store in set(_stores) | _held:  # every store, hooks or not: none may reuse inherited locks
         store._forget_after_fork()
     _held.clear()  # the child holds what it attaches itself
