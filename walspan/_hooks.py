@@ -190,13 +190,9 @@ def _on_signal(signum: int, frame: Any) -> None:
         _pending_signals.append(signum)  # finish the current walspan call first
         return
     name = signal.Signals(signum).name
-    # A multiprocessing child gets SIGTERM from its parent's terminate() (Pool.__exit__ does it
-    # to every worker): while another writer of the trace lives, that is one lost worker, not
-    # the end of the trace. Anywhere else, and with no other live writer, the trace crashed.
-    shared = signum == getattr(signal, "SIGTERM", None) and _in_multiprocessing_child()
     for store in stores():
         try:
-            store._end_attached("crashed", f"killed by {name}", thread=None, lose_if_shared=shared)
+            store._end_attached("crashed", f"killed by {name}", thread=None)
         except Exception:  # pragma: no cover
             log.exception("walspan: could not record %s in %s", name, store.directory)
     prev = _previous.get(signum, signal.SIG_DFL)

@@ -295,13 +295,8 @@ class Store:
         finally:
             self._release_handle(h)
 
-    def _end_attached(self, status: str, message: str, thread: int | None, lose_if_shared: bool = False) -> None:
-        """Crash-hook entry: end every trace this process has attached (or one thread's).
-
-        lose_if_shared: where another writer of the trace is alive, record only this writer as
-        lost (its open spans interrupted) and let the trace go on; end it only where this
-        process is its last live writer (a pool worker stopped by its parent's SIGTERM).
-        """
+    def _end_attached(self, status: str, message: str, thread: int | None) -> None:
+        """Crash-hook entry: end every trace this process has attached (or one thread's)."""
         message = cap_str(message, self.max_value_bytes)  # the single truncation rule
         with self._lock:
             targets = [
@@ -311,34 +306,9 @@ class Store:
             ]
         for s in targets:
             try:
-                if lose_if_shared and self._lose_self_if_shared(s, message):
-                    continue
                 self._terminate(s, status, message)
             except TraceClosedError:
                 pass
-
-    def _lose_self_if_shared(self, session: _Session, message: str) -> bool:
-        """Record this process's writer lost if another writer of the trace lives; True if so."""
-        writer = self._writer
-        if writer is None:
-            return False
-        h = self._acquire_handle(session.stem)
-        try:
-            with _hooks.busy(), h.locked() as wal:
-                if wal.terminal_off:
-                    return True  # already ended: nothing to record
-                others = {wid: p for wid, p in wal.attached_writers()[0].items() if wid != writer.writer_id}
-                if not any(_liveness.writer_alive(self._internal, p) for p in others.values()):
-                    return False
-                payload = {"lost": writer.writer_id, "message": message, "time": time.time_ns(), "by": writer.writer_id}
-                _, end = wal.append(_T.WRITER_LOST, payload)
-            if h.durable:
-                h.wait_durable(end)
-            with self._lock:
-                session.attached_pid = 0
-            return True
-        finally:
-            self._release_handle(h)
 
     # -- reading --------------------------------------------------------------------------
 
