@@ -1,9 +1,9 @@
 """User values: what may go into a trace, and the one rule that caps large values.
 
-Values must be JSON-representable, because the canonical trace is JSON: None, bool, int
-(in [-2**63, 2**64), what msgpack carries), finite float, str, list/tuple of values, dict with str keys. Anything else is
-refused at the call with a TypeError/ValueError naming where it was (e.g. attributes["a"][2]),
-before anything is written.
+Values must be JSON-representable, because the canonical trace is JSON: None, bool, int in
+[-2**63, 2**64) (what msgpack carries), finite float, str, list/tuple of values, dict with str
+keys. Anything else is refused at the call with a TypeError/ValueError naming where it was
+(e.g. attributes["a"][2]), before anything is written.
 
 The cap (the single truncation rule): every str longer than `max_value_bytes` UTF-8 bytes is
 cut to at most that many bytes (at a character boundary) and followed by the marker
