@@ -170,3 +170,18 @@ def test_cyclic_or_too_deep_value_refused(tmp_path: Path) -> None:
             t.start_span("s", input=value)
     assert store.wal_path("deep").stat().st_size == size
     store.close()
+
+
+def test_record_over_the_size_limit_is_refused_and_nothing_written(tmp_path: Path) -> None:
+    """A record whose payload would exceed the format's 64 MiB limit (many values, each under the
+    per-value cap) is refused with ValueError before anything is written: a reader would take
+    such a record for damage (invariant 2)."""
+    store = walspan.Store(tmp_path / "d", durability="process", install_hooks=False)
+    trace = store.open("s")
+    size = store.wal_path("s").stat().st_size
+    big = {f"k{i}": "x" * 1_000_000 for i in range(70)}  # 70 MB, each value under the 1 MiB cap
+    with pytest.raises(ValueError, match="limit"):
+        trace.start_span("huge", attributes=big)
+    assert store.wal_path("s").stat().st_size == size
+    trace.start_span("fine").end()
+    assert [s["name"] for s in store.load("s")["spans"]] == ["fine"]

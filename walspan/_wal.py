@@ -68,12 +68,13 @@ from typing import Any
 from . import _fsutil, _locking
 from ._format import (
     FILE_HEADER_SIZE,
+    MAX_RECORD_PAYLOAD,
     RECORD_HEADER,
     RECORD_HEADER_SIZE,
     RecordType,
     encode_file_header,
+    frame_record,
     pack_payload,
-    record_crc,
     unpack_payload,
 )
 from ._reader import ScanState, iter_records, read_header
@@ -293,6 +294,8 @@ class WalHandle:
     def append(self, rtype: int, payload: dict[str, Any], session_id: str) -> tuple[int, int]:
         """Append one record; return (seq, end offset) once it is acknowledged."""
         body = pack_payload(payload)
+        if len(body) > MAX_RECORD_PAYLOAD:  # a reader would take a longer record for damage
+            raise ValueError(f"record of {len(body)} bytes is over the {MAX_RECORD_PAYLOAD}-byte limit; nothing written")
         # the locked section of `locked()`, spelled out: this is the hot path
         if self._failed is not None:
             raise self._failed
@@ -436,9 +439,7 @@ class LockedWal:
     def append_packed(self, rtype: int, body: bytes) -> tuple[int, int]:
         h = self._h
         seq = self.last_seq + 1
-        frame = (
-            RECORD_HEADER.pack(record_crc(h.salt, rtype, 0, seq, len(body), body), len(body), rtype, 0, seq) + body
-        )
+        frame = frame_record(h.salt, rtype, seq, body)
         offset = self.end
         try:
             _fsutil.write_all(h.fd, frame, offset, h.path)
@@ -457,7 +458,10 @@ class LockedWal:
         return seq, end
 
     def append(self, rtype: int, payload: dict[str, Any]) -> tuple[int, int]:
-        return self.append_packed(rtype, pack_payload(payload))
+        body = pack_payload(payload)
+        if len(body) > MAX_RECORD_PAYLOAD:
+            raise ValueError(f"record of {len(body)} bytes is over the {MAX_RECORD_PAYLOAD}-byte limit; nothing written")
+        return self.append_packed(rtype, body)
 
     def records(self, decode_types: frozenset[int] | None = None) -> Iterator[tuple[int, int, int, bytes | None]]:
         """Iterate the valid log from the start up to `end` (under the lock: nothing moves)."""
