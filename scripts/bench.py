@@ -1119,14 +1119,15 @@ NOTES = [
     "the Python part of every append runs under the GIL, and the next flush starts only once a woken thread "
     "gets the GIL: the flusher idles about a third of the time.",
     "- **`process` level against `flock`+`write`.** No disk in the loop, so this is CPU per append only: "
-    "walspan's ~12 µs against ~4 µs for json.dumps + flock + write + unlock.",
+    "walspan's ~10 µs against ~4 µs for json.dumps + flock + write + unlock.",
     "- **p99.9 under 8 writers.** 8 processes on 2 cores: a writer descheduled while it holds the append lock "
     "or leads a flush delays the others; the worst append stays in milliseconds (no starvation, unlike "
     "SQLite's busy-wait, whose worst case is seconds).",
-    "- **Worst append during the compaction of the large trace.** Appends never wait for the compaction lock "
-    "(p99 stays near one fdatasync), but the compaction writes and fsyncs a JSON of a few hundred MB, and "
-    "the appends' fdatasyncs share the disk with that flush: the outliers are the disk, not a lock. Writing "
-    "the JSON in fsynced chunks (sync_file_range) would bound them; not done.",
+    "- **Worst append during the compaction of the large trace** (met in some runs, not in others: 57-122 ms "
+    "seen). Appends never wait for the compaction lock (p99 stays near one fdatasync), but the compaction "
+    "writes and fsyncs a JSON of a few hundred MB, and the appends' fdatasyncs share the disk with that "
+    "flush: the outliers are the disk, not a lock. Writing the JSON in fsynced chunks would bound them; "
+    "not done.",
     "",
     "## Reading the table",
     "",
