@@ -293,9 +293,7 @@ class WalHandle:
 
     def append(self, rtype: int, payload: dict[str, Any], session_id: str) -> tuple[int, int]:
         """Append one record; return (seq, end offset) once it is acknowledged."""
-        body = pack_payload(payload)
-        if len(body) > MAX_RECORD_PAYLOAD:  # a reader would take a longer record for damage
-            raise ValueError(f"record of {len(body)} bytes is over the {MAX_RECORD_PAYLOAD}-byte limit; nothing written")
+        body = _packed_within_limit(payload)
         # the locked section of `locked()`, spelled out: this is the hot path
         if self._failed is not None:
             raise self._failed
@@ -458,10 +456,7 @@ class LockedWal:
         return seq, end
 
     def append(self, rtype: int, payload: dict[str, Any]) -> tuple[int, int]:
-        body = pack_payload(payload)
-        if len(body) > MAX_RECORD_PAYLOAD:
-            raise ValueError(f"record of {len(body)} bytes is over the {MAX_RECORD_PAYLOAD}-byte limit; nothing written")
-        return self.append_packed(rtype, body)
+        return self.append_packed(rtype, _packed_within_limit(payload))
 
     def records(self, decode_types: frozenset[int] | None = None) -> Iterator[tuple[int, int, int, bytes | None]]:
         """Iterate the valid log from the start up to `end` (under the lock: nothing moves)."""
@@ -497,6 +492,13 @@ class LockedWal:
             else:
                 attached.pop(p["lost"], None)
         return attached, last
+
+
+def _packed_within_limit(payload: dict[str, Any]) -> bytes:
+    body = pack_payload(payload)
+    if len(body) > MAX_RECORD_PAYLOAD:  # a reader would take a longer record for damage
+        raise ValueError(f"record of {len(body)} bytes is over the {MAX_RECORD_PAYLOAD}-byte limit; nothing written")
+    return body
 
 
 def check_durability(value: object) -> str:
