@@ -7,6 +7,7 @@ from ._recovery import RecoveryAction, RecoveryReport
 from ._store import Store
 from ._trace import ENV_VAR, Span, Trace, attach_from_env, current_span
 from ._values import TRUNCATION_MARKER
+from ._verify import FileCheck, VerifyReport
 from .errors import CorruptWALError, DurabilityError, SessionNotFoundError, TraceClosedError, WalspanError
 
 __version__ = "0.1.0"
@@ -16,6 +17,7 @@ __all__ = [
     "TRUNCATION_MARKER",
     "CorruptWALError",
     "DurabilityError",
+    "FileCheck",
     "RecoveryAction",
     "RecoveryReport",
     "SessionNotFoundError",
@@ -23,6 +25,7 @@ __all__ = [
     "Store",
     "Trace",
     "TraceClosedError",
+    "VerifyReport",
     "WalspanError",
     "attach_from_env",
     "current_span",

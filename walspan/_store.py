@@ -22,6 +22,7 @@ from .errors import DurabilityError, SessionNotFoundError, TraceClosedError, Wal
 if TYPE_CHECKING:
     from ._recovery import RecoveryReport
     from ._trace import Trace
+    from ._verify import VerifyReport
 
 log = logging.getLogger("walspan")
 
@@ -352,6 +353,14 @@ class Store:
                 return None
             _compactor.compact(self.directory, stem)
         return cut[0], cut[1], Path(cut[2])
+
+    def verify(self) -> VerifyReport:
+        """Read-only integrity check of every WAL and JSON in the store (what `walspan verify`
+        runs): framing, checksums and sequence of every record, and every JSON equal to the fold
+        of the WAL prefix it names. `report.ok`, `report.errors`; nothing is changed."""
+        from ._verify import verify_dir
+
+        return verify_dir(self.directory)
 
     def recover(self) -> RecoveryReport:
         """Mark crashed every trace whose writers all died; see walspan._recovery."""
