@@ -104,9 +104,9 @@ def internal_dir(store_dir: str) -> str:
     return os.path.join(store_dir, ".walspan")
 
 
-def create_wal(wal_path: str, salt: int, first_record: bytes) -> bool:
-    """Create a WAL holding its header and first record, atomically; False if it exists."""
-    return _fsutil.create_exclusive(wal_path, encode_file_header(salt) + first_record)
+def create_wal(wal_path: str, salt: int, first_records: bytes) -> bool:
+    """Create a WAL holding its header and first records, atomically; False if it exists."""
+    return _fsutil.create_exclusive(wal_path, encode_file_header(salt) + first_records)
 
 
 class WalHandle:
