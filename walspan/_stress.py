@@ -902,7 +902,13 @@ def register(sub: Any) -> None:
     s.add_argument("--duration", type=_duration, default=DEFAULT_DURATION, help="seconds of load (default %(default)s)")
     s.add_argument("--writers", type=_positive_int, default=8, help="writer processes (default %(default)s)")
     s.add_argument("--sessions", type=_positive_int, default=4, help="sessions shared by the writers (default %(default)s)")
-    s.add_argument("--durability", choices=("durable", "process"), default="durable")
+    s.add_argument(
+        "--durability",
+        choices=("durable", "process"),
+        default="durable",
+        help="durability level of the writers (default %(default)s); process mode writes about ten times "
+        "the data per second, so the checks after the load take minutes: pair it with a short --duration",
+    )
     s.add_argument("--kill-rate", type=_rate, default=0.5, help="share of writers killed by a signal (default %(default)s)")
     s.add_argument("--seed", type=int, default=None, help="make the plan reproducible (default: random, printed)")
     s.add_argument("--json", metavar="FILE", help="write the figures as JSON to FILE")
