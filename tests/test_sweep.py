@@ -57,3 +57,57 @@ def test_an_unreadable_session_does_not_stop_the_others_recovery(tmp_path: Path)
     report = store.recover()
     assert report.crashed == ["dead"]
     assert len(report.unreadable) == 1 and str(report.unreadable[0].filename).endswith("aaa.wal")
+
+
+def test_attach_reads_the_log_outside_the_lock_and_only_its_tail_under_it(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Attaching scans the whole log for writer records without holding the append lock (an
+    append from elsewhere goes through meanwhile), then reads under the lock only what was
+    appended since: a dead writer that another process recorded lost in that gap is not
+    recorded lost a second time."""
+    from walspan import _locking
+    from walspan._format import RecordType, unpack_payload
+    from walspan._reader import ScanState, iter_records
+    from walspan._wal import WalHandle
+
+    d = tmp_path / "d"
+    code = (
+        "import os, sys, walspan\n"
+        "t = walspan.Store(sys.argv[1], install_hooks=False).open('s')\n"
+        "t.start_span('dead writer')\n"
+        "os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(d)], check=True, timeout=60)
+    original = WalHandle.prescan_writers
+    lock_was_free = []
+
+    def prescan(self: WalHandle):  # type: ignore[no-untyped-def]
+        ws = original(self)
+        if not lock_was_free:
+            fd = os.open(d / ".walspan" / "s.lock", os.O_RDWR)
+            try:
+                lock_was_free.append(_locking.try_lock(fd))
+            finally:
+                os.close(fd)
+            # another writer attaches in the gap, and records the dead writer lost
+            other = walspan.Store(d, install_hooks=False)
+            other.open("s").close()
+            other.close()
+        return ws
+
+    monkeypatch.setattr(WalHandle, "prescan_writers", prescan)
+    store = walspan.Store(d, install_hooks=False)
+    store.open("s").close()
+    store.close()
+    assert lock_was_free == [True]
+    fd = os.open(d / "s.wal", os.O_RDONLY)
+    try:
+        lost = [
+            unpack_payload(p)["lost"]
+            for _o, t, _s, p in iter_records(fd, ScanState(str(d / "s.wal")))
+            if t == RecordType.WRITER_LOST
+        ]
+    finally:
+        os.close(fd)
+    assert len(lost) == 1
+    t = walspan.Store(d, install_hooks=False).load("s")
+    assert [s["status"] for s in t["spans"]] == ["interrupted"]

@@ -116,6 +116,7 @@ def _recover_session(store: Store, session_id: str, report: RecoveryReport) -> N
     dead: list[tuple[str, dict[str, Any]]] = []
     try:
         size_before = os.fstat(handle.fd).st_size
+        pre = handle.prescan_writers()  # the whole log, read without holding the append lock
         with handle.locked() as wal:
             if wal.end < size_before:
                 report.actions.append(
@@ -127,7 +128,8 @@ def _recover_session(store: Store, session_id: str, report: RecoveryReport) -> N
                 )
                 changed = True
             if not wal.terminal_off:
-                attached, last_off = wal.attached_writers()
+                ws = wal.attached_writers(pre)
+                attached, last_off = ws.attached, ws.last
                 alive = []
                 for wid, p in attached.items():
                     if wid == own or _liveness.writer_alive(internal, p):

@@ -16,7 +16,7 @@ from ._fold import TERMINAL_STATUSES
 from ._format import RecordType, encode_record, pack_payload, unpack_payload
 from ._names import check_session_id, decode_stem, encode_session_id
 from ._values import DEFAULT_MAX_VALUE_BYTES, cap_str, clean_mapping
-from ._wal import WalHandle, check_durability, create_wal, internal_dir
+from ._wal import LockedWal, WalHandle, WriterScan, check_durability, create_wal, internal_dir
 from .errors import DurabilityError, SessionNotFoundError, TraceClosedError, WalspanError
 
 if TYPE_CHECKING:
@@ -196,7 +196,7 @@ class Store:
         created = False
         if not os.path.exists(wal_path):
             now = time.time_ns()
-            first = {
+            first: dict[str, Any] = {
                 "trace_id": secrets.token_hex(16),
                 "session_id": session.session_id,
                 "metadata": metadata or {},
@@ -212,19 +212,24 @@ class Store:
             created = create_wal(wal_path, salt, records)
         h = self._acquire_handle(session.stem)
         try:
+            already = session.attached_pid == os.getpid() or created
+            # the whole log is read for its writer records outside the lock; under it, the tail
+            pre = None if already else h.prescan_writers()
             with h.locked() as wal:
                 if wal.terminal_off:
                     info = h.terminal_info(wal.terminal_off)
                     raise TraceClosedError(session.session_id, info.get("status", "?"), info.get("message"))
-                already = session.attached_pid == os.getpid() or created
                 if not already:
-                    self._mark_lost_writers(wal, writer.writer_id)
+                    self._mark_lost_writers(wal, writer.writer_id, pre)
                     payload = dict(writer.describe(), time=time.time_ns())
                     _, end = wal.append(_T.WRITER_ATTACH, payload)
                 if metadata and not created:
                     _, end = wal.append(_T.METADATA, {"writer": writer.writer_id, "metadata": metadata, "time": time.time_ns()})
                     already = False
-                session.trace_id = read_first_record_fd(h.fd, h.path).get("trace_id", "")
+                if created:
+                    session.trace_id = first["trace_id"]
+                elif not session.trace_id:  # identity never changes: read it once per session
+                    session.trace_id = read_first_record_fd(h.fd, h.path).get("trace_id", "")
             if not already and h.durable:
                 h.wait_durable(end)
             session.attached_pid = os.getpid()
@@ -232,9 +237,9 @@ class Store:
         finally:
             self._release_handle(h)
 
-    def _mark_lost_writers(self, wal: Any, own_writer_id: str) -> list[dict[str, Any]]:
+    def _mark_lost_writers(self, wal: LockedWal, own_writer_id: str, pre: WriterScan | None) -> list[dict[str, Any]]:
         """Under the append lock: record every attached writer proven dead as lost."""
-        attached, _last = wal.attached_writers()
+        attached = wal.attached_writers(pre).attached
         lost = []
         for wid, p in attached.items():
             if wid == own_writer_id or _liveness.writer_alive(self._internal, p):

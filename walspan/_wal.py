@@ -63,6 +63,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from . import _fsutil, _locking
@@ -284,6 +285,17 @@ class WalHandle:
             finally:
                 _locking.unlock(self._lock_fd)
 
+    def prescan_writers(self) -> WriterScan:
+        """The writer records of the valid log, read without the append lock (a concurrent
+        append only ends the scan early); LockedWal.attached_writers finishes it under the lock."""
+        ws = WriterScan({}, 0, FILE_HEADER_SIZE, 0)
+        scan = ScanState(self.path)
+        for off, rtype, seq, payload in iter_records(self.fd, scan, salt=self.salt, decode_types=_WRITER_TYPES):
+            ws.last, ws.seq, ws.end = off, seq, scan.end
+            if payload is not None:
+                _apply_writer_record(ws.attached, rtype, payload)
+        return ws
+
     def terminal_info(self, terminal_off: int) -> dict[str, Any]:
         header = os.pread(self.fd, RECORD_HEADER_SIZE, terminal_off)
         _crc, length, _t, _f, _s = RECORD_HEADER.unpack_from(header, 0)
@@ -458,11 +470,14 @@ class LockedWal:
     def append(self, rtype: int, payload: dict[str, Any]) -> tuple[int, int]:
         return self.append_packed(rtype, _packed_within_limit(payload))
 
-    def records(self, decode_types: frozenset[int] | None = None) -> Iterator[tuple[int, int, int, bytes | None]]:
-        """Iterate the valid log from the start up to `end` (under the lock: nothing moves)."""
+    def records(
+        self, decode_types: frozenset[int] | None = None, start: int = FILE_HEADER_SIZE, start_seq: int = 0
+    ) -> Iterator[tuple[int, int, int, bytes | None]]:
+        """Iterate the valid log from `start` (a record boundary) up to `end` (under the lock:
+        nothing moves)."""
         h = self._h
         scan = ScanState(h.path)
-        for rec in iter_records(h.fd, scan, salt=h.salt, decode_types=decode_types):
+        for rec in iter_records(h.fd, scan, start=start, start_seq=start_seq, salt=h.salt, decode_types=decode_types):
             if rec[0] >= self.end:
                 return
             yield rec
@@ -475,23 +490,46 @@ class LockedWal:
                 self.terminal_off = 0
             h._store_state(self.end, self.last_seq, self.terminal_off)
 
-    def attached_writers(self) -> tuple[dict[str, dict[str, Any]], int]:
+    def attached_writers(self, pre: WriterScan | None = None) -> WriterScan:
         """The attach records of writers neither detached nor lost, and the offset of the last
-        record (its time is when the log was last written)."""
-        attached: dict[str, dict[str, Any]] = {}
-        last = 0
-        for off, rtype, _seq, payload in self.records(decode_types=_WRITER_TYPES):
-            last = off
-            if payload is None:
-                continue
-            p = unpack_payload(payload)
-            if rtype == _ATTACH:
-                attached[p["writer"]] = p
-            elif rtype == _DETACH:
-                attached.pop(p["writer"], None)
-            else:
-                attached.pop(p["lost"], None)
-        return attached, last
+        record (its time is when the log was last written). With `pre`, a scan taken without
+        the lock (WalHandle.prescan_writers), only the records appended since are read here, so
+        the append lock is held for the tail, not for a scan of the whole log."""
+        if pre is not None and FILE_HEADER_SIZE < pre.end <= self.end:
+            try:
+                return self._scan_writers(WriterScan(dict(pre.attached), pre.last, pre.end, pre.seq))
+            except CorruptWALError:
+                pass  # the log changed under the lock-free scan (an explicit repair): rescan whole
+        return self._scan_writers(WriterScan({}, 0, FILE_HEADER_SIZE, 0))
+
+    def _scan_writers(self, ws: WriterScan) -> WriterScan:
+        for off, rtype, seq, payload in self.records(decode_types=_WRITER_TYPES, start=ws.end, start_seq=ws.seq):
+            ws.last, ws.seq = off, seq
+            if payload is not None:
+                _apply_writer_record(ws.attached, rtype, payload)
+        ws.end = self.end
+        return ws
+
+
+@dataclass
+class WriterScan:
+    """Writers still attached after the records up to `end` (seq `seq`); `last`: the offset of
+    the last record read."""
+
+    attached: dict[str, dict[str, Any]]
+    last: int
+    end: int
+    seq: int
+
+
+def _apply_writer_record(attached: dict[str, dict[str, Any]], rtype: int, payload: bytes) -> None:
+    p = unpack_payload(payload)
+    if rtype == _ATTACH:
+        attached[p["writer"]] = p
+    elif rtype == _DETACH:
+        attached.pop(p["writer"], None)
+    else:
+        attached.pop(p["lost"], None)
 
 
 def _packed_within_limit(payload: dict[str, Any]) -> bytes:
