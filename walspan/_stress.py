@@ -96,6 +96,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -869,24 +870,21 @@ def _positive_int(text: str) -> int:
     return v
 
 
-def _duration(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.5 <= v <= 86400:
-        raise argparse.ArgumentTypeError(f"must be between 0.5 and 86400 seconds, not {v}")
-    return v
+def _float_between(low: float, high: float, unit: str = "") -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not low <= v <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g}{unit}, not {v}")
+        return v
+
+    return parse
 
 
-def _rate(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {v}")
-    return v
+_duration = _float_between(0.5, 86400, " seconds")
+_rate = _float_between(0.0, 1.0)
 
 
 def register(sub: Any) -> None:

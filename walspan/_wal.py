@@ -246,13 +246,17 @@ class WalHandle:
             torn,
             scan.torn_reason,
         )
-        os.ftruncate(self.fd, torn)
-        self._sync()  # the truncation must be durable before anything is appended after it
-        # durable_end may have counted torn bytes that are gone now: pull it back (we hold the
-        # append lock, under which durable_end is written; a flush that read its target before
-        # the truncation read at most the old written_end <= torn, so it cannot push it past)
-        if self._durable_end() > torn:
-            self._set_durable_end(torn)
+        self._truncate_locked(torn)
+
+    def _truncate_locked(self, offset: int) -> None:
+        """Under the append lock: cut the log at `offset`, durably, before anything is appended
+        after it. durable_end may count bytes that are gone now: pull it back (it is written
+        under the append lock; a flush that read its target before the cut read at most the
+        old written_end <= offset, so it cannot push it past)."""
+        os.ftruncate(self.fd, offset)
+        self._sync()
+        if self._durable_end() > offset:
+            self._set_durable_end(offset)
 
     def cut_at_damage(self) -> tuple[int, int, str] | None:
         """Repair a corrupt WAL because the caller asked (never done implicitly): keep the
@@ -275,10 +279,7 @@ class WalHandle:
                 tail = os.pread(self.fd, size - offset, offset)
                 copy = f"{self.path}.broken-{offset}"
                 _fsutil.atomic_replace(copy, tail)
-                os.ftruncate(self.fd, offset)
-                self._sync()
-                if self._durable_end() > offset:
-                    self._set_durable_end(offset)
+                self._truncate_locked(offset)
                 self._sync_locked()  # rebuild the shared state for the shortened log
                 log.warning("walspan: %s: moved %d damaged bytes at offset %d to %s", self.path, len(tail), offset, copy)
                 return offset, len(tail), copy
