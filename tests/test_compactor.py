@@ -110,8 +110,13 @@ def test_compaction_is_monotonic(pstore: walspan.Store, monkeypatch: pytest.Monk
     older_end = record_offsets(wal)[-1][0]  # a fold that misses the last record
     path = pstore.compact("mono")
     current = path.read_bytes()
-    real = _compactor.fold_wal
-    monkeypatch.setattr(_compactor, "fold_wal", lambda p, checkpoint=None, upto=None: real(p, None, upto=older_end))
+    real = _compactor._fold_fd
+
+    def stale(fd, path, checkpoint, upto):  # type: ignore[no-untyped-def]
+        fold, scan, matched = real(fd, path, None, older_end)  # a fold that reflects less
+        return fold, scan, True  # ...while the JSON it would replace matches this WAL
+
+    monkeypatch.setattr(_compactor, "_fold_fd", stale)
     _path, rewritten = _compactor.compact(pstore.directory, wal.name[:-4])
     assert rewritten is False
     assert path.read_bytes() == current

@@ -33,33 +33,34 @@ def fold_wal(path: str, checkpoint: TraceFold | None = None, upto: int | None = 
     """Fold the valid prefix of the WAL at `path` (optionally from a checkpoint, up to `upto`)."""
     fd = _fsutil.open_file(path, os.O_RDONLY)
     try:
-        salt = read_header(fd, path)
-        if checkpoint is not None and not _checkpoint_matches(fd, salt, checkpoint):
-            checkpoint = None
-        if checkpoint is not None:
-            try:
-                return _fold_from(fd, path, salt, checkpoint, upto)
-            except (CorruptWALError, KeyError, TypeError, ValueError) as exc:
-                log.info("walspan: %s: checkpoint unusable (%s); folding from the start", path, exc)
-        return _fold_from(fd, path, salt, TraceFold(), upto)
+        fold, scan, _resumed = _fold_fd(fd, path, checkpoint, upto)
+        return fold, scan
     finally:
         os.close(fd)
 
 
-def _checkpoint_matches(fd: int, salt: int, cp: TraceFold) -> bool:
-    """Does the WAL hold, whole and intact, the last record the checkpoint folded? If not (another
-    WAL, or a WAL that lost its unsynced tail after the JSON was written), it is no checkpoint."""
-    if cp.salt != salt or cp.last_record < FILE_HEADER_SIZE:
-        return False
-    return record_at(fd, cp.last_record, salt) == (cp.seq, cp.offset)
-
-
-def checkpoint_matches(path: str, cp: TraceFold) -> bool:
-    fd = _fsutil.open_file(path, os.O_RDONLY)
-    try:
-        return _checkpoint_matches(fd, read_header(fd, path), cp)
-    finally:
-        os.close(fd)
+def _fold_fd(
+    fd: int, path: str, checkpoint: TraceFold | None, upto: int | None
+) -> tuple[TraceFold, ScanState, bool]:
+    """Fold from the checkpoint if the WAL holds, whole and intact, the last record it folded
+    (else it describes another WAL, or one that lost its unsynced tail after the JSON was
+    written, and the fold starts over). The bool says whether the checkpoint matched the WAL."""
+    salt = read_header(fd, path)
+    matched = (
+        checkpoint is not None
+        and checkpoint.salt == salt
+        and checkpoint.last_record >= FILE_HEADER_SIZE
+        and record_at(fd, checkpoint.last_record, salt) == (checkpoint.seq, checkpoint.offset)
+    )
+    if matched:
+        assert checkpoint is not None
+        try:
+            fold, scan = _fold_from(fd, path, salt, checkpoint, upto)
+            return fold, scan, True
+        except (CorruptWALError, KeyError, TypeError, ValueError) as exc:
+            log.info("walspan: %s: checkpoint unusable (%s); folding from the start", path, exc)
+    fold, scan = _fold_from(fd, path, salt, TraceFold(), upto)
+    return fold, scan, matched
 
 
 def _fold_from(fd: int, path: str, salt: int, fold: TraceFold, upto: int | None) -> tuple[TraceFold, ScanState]:
@@ -88,16 +89,6 @@ def _fold_from(fd: int, path: str, salt: int, fold: TraceFold, upto: int | None)
         # whole one was damaged, not torn by a crash: never fold it into an anonymous trace.
         raise CorruptWALError(path, FILE_HEADER_SIZE, "no trace start record")
     return fold, scan
-
-
-def _sync_wal(wal_path: str) -> None:
-    """fdatasync the WAL before publishing a JSON that reflects it: otherwise, in process mode,
-    a power loss could take back WAL records that a durable JSON still shows."""
-    fd = _fsutil.open_file(wal_path, os.O_RDWR)
-    try:
-        _fsutil.sync_data(fd, wal_path)
-    finally:
-        os.close(fd)
 
 
 def read_json(path: str) -> dict[str, Any] | None:
@@ -130,16 +121,21 @@ def compact(store_dir: str, stem: str) -> tuple[str, bool]:
                 checkpoint = TraceFold.from_dict(existing)
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 log.warning("walspan: %s is not a usable checkpoint (%r); rebuilding it", json_path, exc)
-        if checkpoint is not None and not checkpoint_matches(wal_path, checkpoint):
-            # The JSON reflects records this WAL does not hold (another WAL under the same name,
-            # or damage): the WAL is the truth, so the JSON is rebuilt, whatever it claims.
-            log.warning("walspan: %s does not match %s; rebuilding it from the WAL", json_path, wal_path)
-            checkpoint = None
-        old_seq = checkpoint.seq if checkpoint is not None else None
-        fold, _scan = fold_wal(wal_path, checkpoint)
-        if old_seq is not None and old_seq >= fold.seq:
-            return json_path, False  # monotonic: the JSON already reflects at least this much
-        _sync_wal(wal_path)
+        old_seq = checkpoint.seq if checkpoint is not None else None  # before the fold moves it
+        wal_fd = _fsutil.open_file(wal_path, os.O_RDWR)
+        try:
+            fold, _scan, matched = _fold_fd(wal_fd, wal_path, checkpoint, None)
+            if matched and old_seq is not None and old_seq >= fold.seq:
+                return json_path, False  # monotonic: the JSON already reflects at least this much
+            if checkpoint is not None and not matched:
+                # The JSON reflects records this WAL does not hold (another WAL under the same
+                # name, or damage): the WAL is the truth, so it is rebuilt, whatever it claims.
+                log.warning("walspan: %s does not match %s; rebuilding it from the WAL", json_path, wal_path)
+            # fdatasync the WAL before publishing a JSON that reflects it: otherwise, in process
+            # mode, a power loss could take back WAL records that a durable JSON still shows
+            _fsutil.sync_data(wal_fd, wal_path)
+        finally:
+            os.close(wal_fd)
         data = dumps(fold.to_dict())
         hook = before_rename
         _fsutil.atomic_replace(json_path, data, before_rename=(lambda: hook(json_path)) if hook else None)
