@@ -17,7 +17,7 @@ import os
 import struct
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ._format import (
     FILE_HEADER_SIZE,
@@ -49,7 +49,6 @@ class ScanState:
     torn_offset: int | None = None  # start of a torn tail, if any
     torn_reason: str = ""
     records: int = 0
-    types_seen: set[int] = field(default_factory=set)
 
     @property
     def torn_bytes(self) -> int:
@@ -90,6 +89,7 @@ def iter_records(
     state.last_seq = start_seq
     pos = start  # file offset of buf[0]
     buf = b""
+    view = memoryview(buf)
     i = 0  # index into buf
     last_seq = start_seq
     crc32 = zlib.crc32
@@ -97,40 +97,37 @@ def iter_records(
     pack_crc = _CRC_PART.pack
     while True:
         avail = len(buf) - i
-        if avail < RECORD_HEADER_SIZE:
-            more = os.pread(fd, max(_CHUNK, RECORD_HEADER_SIZE), pos + len(buf))
+        want = RECORD_HEADER_SIZE
+        damage = ""
+        if avail >= RECORD_HEADER_SIZE:
+            crc, length, rtype, flags, seq = unpack_hdr(buf, i)
+            want = RECORD_HEADER_SIZE + length
+            if length > MAX_RECORD_PAYLOAD:
+                damage = f"record length {length} exceeds the limit"
+        if not damage and avail < want:
+            more = os.pread(fd, max(_CHUNK, want - avail), pos + len(buf))
             if more:
                 buf = buf[i:] + more
+                view = memoryview(buf)
                 pos += i
                 i = 0
                 continue
-            if avail and _torn_or_corrupt(fd, state, pos + i, "partial record header at end of file", last_seq):
-                buf, pos, i = b"", pos + i, 0
-                continue
-            break
-        crc, length, rtype, flags, seq = unpack_hdr(buf, i)
-        if length > MAX_RECORD_PAYLOAD:
-            if _torn_or_corrupt(fd, state, pos + i, f"record length {length} exceeds the limit", last_seq):
-                buf, pos, i = b"", pos + i, 0
-                continue
-            break
-        need = RECORD_HEADER_SIZE + length
-        if avail < need:
-            more = os.pread(fd, max(_CHUNK, need - avail), pos + len(buf))
-            if more:
-                buf = buf[i:] + more
-                pos += i
-                i = 0
-                continue
-            if _torn_or_corrupt(fd, state, pos + i, f"record of {need} bytes cut short at end of file", last_seq):
-                buf, pos, i = b"", pos + i, 0
-                continue
-            break
+            if not avail:
+                break  # clean end of file
+            damage = (
+                "partial record header at end of file"
+                if avail < RECORD_HEADER_SIZE
+                else f"record of {want} bytes cut short at end of file"
+            )
         body_start = i + RECORD_HEADER_SIZE
-        payload = buf[body_start : body_start + length]
-        if crc32(payload, crc32(pack_crc(length, rtype, flags, seq), seed)) != crc:
-            if _torn_or_corrupt(fd, state, pos + i, "checksum mismatch", last_seq):
-                buf, pos, i = b"", pos + i, 0
+        if not damage:
+            body = view[body_start : body_start + length]  # no copy unless it is yielded
+            if crc32(body, crc32(pack_crc(length, rtype, flags, seq), seed)) != crc:
+                damage = "checksum mismatch"
+        if damage:
+            if _torn_or_corrupt(fd, state, pos + i, damage, last_seq):
+                buf, pos, i = b"", pos + i, 0  # a concurrent append completed it: read again
+                view = memoryview(buf)
                 continue
             break
         offset = pos + i
@@ -140,14 +137,13 @@ def iter_records(
             raise CorruptWALError(path, offset, f"record flags {flags:#x} are not supported")
         if rtype not in KNOWN_TYPES and rtype < FIRST_SKIPPABLE_TYPE:
             raise CorruptWALError(path, offset, f"unknown record type {rtype} (written by a newer walspan?)")
-        i += need
+        i += want
         last_seq = seq
         state.end = pos + i
         state.last_seq = seq
         state.records += 1
-        state.types_seen.add(rtype)
         if decode_types is None or rtype in decode_types:
-            yield offset, rtype, seq, payload
+            yield offset, rtype, seq, bytes(body)
         else:
             yield offset, rtype, seq, None
     state.file_size = max(size, state.end + state.torn_bytes)
