@@ -281,3 +281,25 @@ def test_random_operations_fold_like_the_model(tmp_path: Path, ops: list[tuple],
     assert c.compact("h").read_bytes() == raw
     store.close()
     c.close()
+
+
+@pytest.mark.parametrize("durability, wal_flushes", [("durable", 0), ("process", 1)])
+def test_compaction_flushes_the_wal_only_when_it_is_not_yet_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durability: str, wal_flushes: int
+) -> None:
+    """Before publishing, compaction makes the WAL durable up to what the JSON shows (invariant
+    4): in durable mode the appends' own flushes already did (durable_end covers the fold), so
+    it issues no fdatasync of the WAL; in process mode it issues exactly one."""
+    from walspan import _fsutil
+
+    store = walspan.Store(tmp_path / "d", durability=durability, install_hooks=False)
+    t = store.open("s")
+    for i in range(3):
+        t.start_span(f"s{i}").end()
+    wal = str(store.wal_path("s"))
+    flushes: list[str] = []
+    monkeypatch.setattr(_fsutil.faults, "hook", lambda op, path: flushes.append(path) if op == "fsync" else None)
+    store.compact("s")
+    assert flushes.count(wal) == wal_flushes
+    assert json.loads(store.trace_path("s").read_bytes())["wal"]["offset"] == os.path.getsize(wal)
+    t.close()

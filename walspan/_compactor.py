@@ -20,7 +20,7 @@ from . import _fsutil, _locking
 from ._fold import TraceFold, dumps
 from ._format import FILE_HEADER_SIZE, unpack_payload
 from ._reader import ScanState, iter_records, read_header, record_at
-from ._wal import internal_dir
+from ._wal import durable_end_of, internal_dir
 from .errors import CorruptWALError
 
 log = logging.getLogger("walspan")
@@ -131,9 +131,11 @@ def compact(store_dir: str, stem: str) -> tuple[str, bool]:
                 # The JSON reflects records this WAL does not hold (another WAL under the same
                 # name, or damage): the WAL is the truth, so it is rebuilt, whatever it claims.
                 log.warning("walspan: %s does not match %s; rebuilding it from the WAL", json_path, wal_path)
-            # fdatasync the WAL before publishing a JSON that reflects it: otherwise, in process
-            # mode, a power loss could take back WAL records that a durable JSON still shows
-            _fsutil.sync_data(wal_fd, wal_path)
+            # The WAL must be durable up to what the JSON shows, or a power loss could take back
+            # records a durable JSON still shows. In durable mode the appenders' flushes already
+            # covered it (durable_end); in process mode this is the flush.
+            if durable_end_of(store_dir, stem, fold.salt) < fold.offset:
+                _fsutil.sync_data(wal_fd, wal_path)
         finally:
             os.close(wal_fd)
         data = dumps(fold.to_dict())

@@ -105,6 +105,23 @@ def internal_dir(store_dir: str) -> str:
     return os.path.join(store_dir, ".walspan")
 
 
+def durable_end_of(store_dir: str, stem: str, salt: int) -> int:
+    """durable_end as the shared state of that WAL records it, read without mapping it; 0 when
+    there is no trustworthy value (no state file, another WAL's state, a read racing a store)."""
+    try:
+        fd = _fsutil.open_file(os.path.join(internal_dir(store_dir), stem + ".shm"), os.O_RDONLY)
+    except FileNotFoundError:
+        return 0
+    try:
+        snap = os.pread(fd, 12, 48)
+    finally:
+        os.close(fd)
+    if len(snap) < 12:
+        return 0
+    value, crc = _DURABLE.unpack(snap)
+    return int(value) if crc == zlib.crc32(snap[:8], zlib.crc32(_U64.pack(salt))) else 0
+
+
 def create_wal(wal_path: str, salt: int, first_records: bytes) -> bool:
     """Create a WAL holding its header and first records, atomically; False if it exists."""
     return _fsutil.create_exclusive(wal_path, encode_file_header(salt) + first_records)
