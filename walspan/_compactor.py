@@ -14,19 +14,23 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from . import _fsutil, _locking
 from ._fold import TraceFold, dumps
-from ._format import FILE_HEADER_SIZE, unpack_payload
+from ._format import FILE_HEADER_SIZE, unpack_payload, wal_keys
 from ._reader import ScanState, iter_records, read_header, record_at
-from ._wal import durable_end_of, internal_dir
+from ._shm import read_durable_end, read_witness
+from ._wal import internal_dir
 from .errors import CorruptWALError
 
 log = logging.getLogger("walspan")
 
 #: Test hook: called between the tmp file's fsync and the rename (used to widen the M1 window).
 before_rename: Callable[[str], None] | None = None
+
+_NO_PAYLOADS: frozenset[int] = frozenset()
 
 
 def fold_wal(path: str, checkpoint: TraceFold | None = None, upto: int | None = None) -> tuple[TraceFold, ScanState]:
@@ -42,34 +46,54 @@ def fold_wal(path: str, checkpoint: TraceFold | None = None, upto: int | None = 
 def _fold_fd(
     fd: int, path: str, checkpoint: TraceFold | None, upto: int | None
 ) -> tuple[TraceFold, ScanState, bool]:
-    """Fold from the checkpoint if the WAL holds, whole and intact, the last record it folded
-    (else it describes another WAL, or one that lost its unsynced tail after the JSON was
-    written, and the fold starts over). The bool says whether the checkpoint matched the WAL."""
+    """Fold from the checkpoint if the WAL holds, whole and intact, the very record it folded
+    last (same WAL id, offset, seq and header checksum: after a cut, offsets and seqs are
+    reused, checksums are not); else the JSON describes another WAL, or records this one lost,
+    and the fold starts over. The bool says whether the checkpoint matched the WAL.
+
+    Either way every record of the log is read and checked, so that compaction gives the same
+    verdict about damage as every other reader; only the records after the checkpoint are
+    decoded and folded."""
     salt = read_header(fd, path)
+    keys = wal_keys(salt)
+    known_whole = read_witness(path, salt, os.fstat(fd).st_size)
     matched = (
         checkpoint is not None
-        and checkpoint.salt == salt
+        and checkpoint.wal_id == keys.wal_id
         and checkpoint.last_record >= FILE_HEADER_SIZE
-        and record_at(fd, checkpoint.last_record, salt) == (checkpoint.seq, checkpoint.offset)
+        and record_at(fd, checkpoint.last_record, keys) == (checkpoint.seq, checkpoint.offset, checkpoint.last_crc)
     )
     if matched:
         assert checkpoint is not None
+        _check_framing(fd, path, salt, checkpoint.offset, known_whole)
         try:
-            fold, scan = _fold_from(fd, path, salt, checkpoint, upto)
+            fold, scan = _fold_from(fd, path, salt, checkpoint, upto, known_whole)
             return fold, scan, True
-        except (CorruptWALError, KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             log.info("walspan: %s: checkpoint unusable (%s); folding from the start", path, exc)
-    fold, scan = _fold_from(fd, path, salt, TraceFold(), upto)
+    fold, scan = _fold_from(fd, path, salt, TraceFold(), upto, known_whole)
     return fold, scan, matched
 
 
-def _fold_from(fd: int, path: str, salt: int, fold: TraceFold, upto: int | None) -> tuple[TraceFold, ScanState]:
+def _check_framing(fd: int, path: str, salt: int, upto: int, known_whole: int) -> None:
+    """Read the records below `upto` for their framing only (checksums, sequence)."""
+    scan = ScanState(path)
+    for _rec in iter_records(fd, scan, salt=salt, decode_types=_NO_PAYLOADS, durable_end=known_whole):
+        if scan.end >= upto:
+            return
+
+
+def _fold_from(
+    fd: int, path: str, salt: int, fold: TraceFold, upto: int | None, known_whole: int
+) -> tuple[TraceFold, ScanState]:
     scan = ScanState(path)
     start = fold.offset if fold.offset >= FILE_HEADER_SIZE else FILE_HEADER_SIZE
-    fold.salt = salt
+    fold.wal_id = wal_keys(salt).wal_id
     apply = fold.apply
-    end, seq, last = start, fold.seq, fold.last_record
-    for offset, rtype, rseq, payload in iter_records(fd, scan, start=start, start_seq=fold.seq, salt=salt):
+    end, seq, last, last_crc = start, fold.seq, fold.last_record, fold.last_crc
+    for offset, rtype, rseq, payload in iter_records(
+        fd, scan, start=start, start_seq=fold.seq, salt=salt, durable_end=known_whole
+    ):
         if upto is not None and offset >= upto:
             break
         try:
@@ -82,8 +106,8 @@ def _fold_from(fd: int, path: str, salt: int, fold: TraceFold, upto: int | None)
             apply(rtype, body)
         except (KeyError, TypeError, AttributeError) as exc:
             raise CorruptWALError(path, offset, f"record of type {rtype} is malformed: {exc!r}") from None
-        end, seq, last = scan.end, rseq, offset
-    fold.offset, fold.seq, fold.last_record = end, seq, last
+        end, seq, last, last_crc = scan.end, rseq, offset, scan.last_crc
+    fold.offset, fold.seq, fold.last_record, fold.last_crc = end, seq, last, last_crc
     if fold.trace_id is None:
         # The trace start is written atomically with the file (create_wal), so a WAL without a
         # whole one was damaged, not torn by a crash: never fold it into an anonymous trace.
@@ -104,8 +128,18 @@ def read_json(path: str) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-def compact(store_dir: str, stem: str) -> tuple[str, bool]:
-    """Bring S.json up to the WAL's valid end. Returns (json path, whether it was rewritten)."""
+@dataclass
+class Compaction:
+    """What compact() did: the JSON's path, whether it was rewritten, and where a previous
+    JSON that showed records the WAL no longer holds was kept (evidence, never deleted)."""
+
+    path: str
+    rewritten: bool
+    set_aside: str | None = None
+
+
+def compact(store_dir: str, stem: str) -> Compaction:
+    """Bring S.json up to the WAL's valid end."""
     wal_path = os.path.join(store_dir, stem + ".wal")
     json_path = os.path.join(store_dir, stem + ".json")
     if not os.path.exists(wal_path):
@@ -114,34 +148,41 @@ def compact(store_dir: str, stem: str) -> tuple[str, bool]:
     lock_fd = _fsutil.open_file(os.path.join(internal_dir(store_dir), stem + ".compact"), os.O_RDWR | os.O_CREAT)
     try:
         _locking.lock(lock_fd)
-        existing = read_json(json_path)
+        _fsutil.faults("compact_locked", json_path)
+        existing, present = _read_json_doc(json_path)
         checkpoint = None
         if existing is not None:
             try:
                 checkpoint = TraceFold.from_dict(existing)
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
-                log.warning("walspan: %s is not a usable checkpoint (%r); rebuilding it", json_path, exc)
+                log.warning("walspan: %s is not a usable checkpoint (%r)", json_path, exc)
         old_seq = checkpoint.seq if checkpoint is not None else None  # before the fold moves it
         wal_fd = _fsutil.open_file(wal_path, os.O_RDWR)
         try:
             fold, _scan, matched = _fold_fd(wal_fd, wal_path, checkpoint, None)
             if matched and old_seq is not None and old_seq >= fold.seq:
-                return json_path, False  # monotonic: the JSON already reflects at least this much
-            if checkpoint is not None and not matched:
-                # The JSON reflects records this WAL does not hold (another WAL under the same
-                # name, or damage): the WAL is the truth, so it is rebuilt, whatever it claims.
-                log.warning("walspan: %s does not match %s; rebuilding it from the WAL", json_path, wal_path)
+                return Compaction(json_path, False)  # monotonic: the JSON already reflects at least this much
             # The WAL must be durable up to what the JSON shows, or a power loss could take back
             # records a durable JSON still shows. In durable mode the appenders' flushes already
             # covered it (durable_end); in process mode this is the flush.
-            if durable_end_of(store_dir, stem, fold.salt) < fold.offset:
+            if read_durable_end(wal_path, read_header(wal_fd, wal_path), os.fstat(wal_fd).st_size) < fold.offset:
                 _fsutil.sync_data(wal_fd, wal_path)
         finally:
             os.close(wal_fd)
+        aside = None
+        if present and not matched:
+            # The JSON shows records this WAL does not hold (they were lost to damage or a cut,
+            # or it describes another WAL under the same name), or it does not parse. The WAL is
+            # the truth and the JSON is rebuilt from it, but the old one is evidence: keep it.
+            aside = _keep_aside(json_path, checkpoint)
+            log.warning(
+                "walspan: %s does not match %s (it shows records the WAL does not hold); kept it as %s "
+                "and rebuilt it from the WAL", json_path, wal_path, aside,
+            )
         data = dumps(fold.to_dict())
         hook = before_rename
         _fsutil.atomic_replace(json_path, data, before_rename=(lambda: hook(json_path)) if hook else None)
-        return json_path, True
+        return Compaction(json_path, True, aside)
     finally:
         # Unlock explicitly: a fork() child (another thread forked meanwhile) holds a copy of
         # this descriptor, and closing ours alone would leave the lock held for its lifetime.
@@ -149,3 +190,24 @@ def compact(store_dir: str, stem: str) -> tuple[str, bool]:
             _locking.unlock(lock_fd)
         finally:
             os.close(lock_fd)
+
+
+def _read_json_doc(path: str) -> tuple[dict[str, Any] | None, bool]:
+    """(the parsed JSON or None, whether a file is there at all)."""
+    if not os.path.lexists(path):
+        return None, False
+    return read_json(path), True
+
+
+def _keep_aside(json_path: str, checkpoint: TraceFold | None) -> str:
+    """Give the current JSON a second name that nothing overwrites (a hard link: the rename
+    of the rebuilt JSON then replaces only the first name); returns that name."""
+    base = f"{json_path}.stale-{checkpoint.seq if checkpoint is not None else 'unreadable'}"
+    for n in range(1000):
+        name = base if n == 0 else f"{base}.{n}"
+        try:
+            os.link(json_path, name)
+            return name
+        except FileExistsError:
+            continue
+    raise FileExistsError(17, "too many stale copies", base)  # pragma: no cover

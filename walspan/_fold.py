@@ -49,7 +49,8 @@ class TraceFold:
         self.offset = 0  # end of the last record folded
         self.seq = 0  # its seq
         self.last_record = 0  # its start offset (lets a checkpoint be checked against the WAL)
-        self.salt = 0
+        self.last_crc = 0  # its header checksum: which record that was, not only where
+        self.wal_id = ""  # the id of the WAL folded (a hash of its salt; the salt stays private)
 
     # -- applying records -----------------------------------------------------------------
 
@@ -217,7 +218,8 @@ class TraceFold:
                 "offset": self.offset,
                 "seq": self.seq,
                 "last_record": self.last_record,
-                "salt": f"{self.salt:016x}",
+                "last_crc": self.last_crc,
+                "id": self.wal_id,
             },
         }
 
@@ -241,8 +243,8 @@ class TraceFold:
         f.writers = {w["writer_id"]: w for w in d["writers"]}
         f.anomalies = d["anomalies"]
         wal = d["wal"]
-        f.offset, f.seq, f.salt = wal["offset"], wal["seq"], int(wal["salt"], 16)
-        f.last_record = wal["last_record"]
+        f.offset, f.seq, f.wal_id = int(wal["offset"]), int(wal["seq"]), str(wal["id"])
+        f.last_record, f.last_crc = int(wal["last_record"]), int(wal["last_crc"])
         return f
 
 

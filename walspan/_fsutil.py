@@ -65,6 +65,11 @@ def sync_data(fd: int, path: str) -> None:
     _sync(fd)
 
 
+def truncate(fd: int, size: int, path: str) -> None:
+    faults("truncate", path)
+    os.ftruncate(fd, size)
+
+
 def fsync_dir(path: str) -> None:
     if os.name == "nt":  # pragma: no cover
         return

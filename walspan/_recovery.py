@@ -22,6 +22,7 @@ import psutil
 
 from . import _compactor, _hooks, _liveness
 from ._format import RecordType, unpack_payload
+from ._reader import payload_at
 from ._wal import WalHandle
 from .errors import CorruptWALError
 
@@ -175,16 +176,21 @@ def _recover_session(store: Store, session_id: str, report: RecoveryReport) -> N
         handle.close()
     json_path = os.path.join(store.directory, stem + ".json")
     if changed or not os.path.exists(json_path):
-        _compactor.compact(store.directory, stem)
+        done = _compactor.compact(store.directory, stem)
+        if done.set_aside is not None:
+            report.actions.append(
+                RecoveryAction(
+                    session_id,
+                    "json_set_aside",
+                    f"{json_path} showed records the WAL no longer holds; kept as {done.set_aside}",
+                )
+            )
 
 
 def _record_time(handle: WalHandle, offset: int) -> int | None:
-    from ._format import RECORD_HEADER, RECORD_HEADER_SIZE
-
     if not offset:
         return None
-    head = os.pread(handle.fd, RECORD_HEADER_SIZE, offset)
-    _crc, length, _t, _f, _s = RECORD_HEADER.unpack_from(head, 0)
-    body = unpack_payload(os.pread(handle.fd, length, offset + RECORD_HEADER_SIZE))
+    raw = payload_at(handle.fd, offset, handle.keys)
+    body = unpack_payload(raw) if raw is not None else None
     t = body.get("time") if isinstance(body, dict) else None
     return t if isinstance(t, int) else None

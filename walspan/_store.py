@@ -16,8 +16,24 @@ from ._fold import TERMINAL_STATUSES
 from ._format import RecordType, encode_record, pack_payload, unpack_payload
 from ._names import check_session_id, decode_stem, encode_session_id
 from ._values import DEFAULT_MAX_VALUE_BYTES, cap_str, clean_mapping
-from ._wal import LockedWal, WalHandle, WriterScan, check_durability, create_wal, internal_dir
-from .errors import DurabilityError, SessionNotFoundError, TraceClosedError, WalspanError
+from ._wal import (
+    LockedWal,
+    Repair,
+    WalHandle,
+    WriterScan,
+    check_durability,
+    create_wal,
+    internal_dir,
+    set_aside_whole_wal,
+)
+from .errors import (
+    CorruptWALError,
+    DurabilityError,
+    SessionNotFoundError,
+    TraceClosedError,
+    UnsupportedFormatError,
+    WalspanError,
+)
 
 if TYPE_CHECKING:
     from ._recovery import RecoveryReport
@@ -276,7 +292,7 @@ class Store:
         if status not in TERMINAL_STATUSES:
             raise ValueError(f"status must be one of {TERMINAL_STATUSES}, not {status!r}")
         self._append(session, _T.TERMINAL, {"status": status, "message": message, "time": time.time_ns()})
-        path, _ = _compactor.compact(self.directory, session.stem)
+        path = _compactor.compact(self.directory, session.stem).path
         with self._lock:
             session.attached_pid = 0
         return Path(path)
@@ -321,8 +337,11 @@ class Store:
     def _existing_stem(self, session_id: str) -> str:
         stem = encode_session_id(session_id)
         path = os.path.join(self.directory, stem + ".wal")
-        if not os.path.exists(path):
-            raise SessionNotFoundError(session_id, path)
+        try:
+            os.stat(path)
+        except FileNotFoundError:
+            raise SessionNotFoundError(session_id, path) from None
+        # any other OSError (permission denied, ...) is the real answer: it propagates
         return stem
 
     def load(self, session_id: str) -> dict[str, Any]:
@@ -335,29 +354,46 @@ class Store:
         """Bring the canonical JSON up to date with the WAL; returns its path."""
         stem = self._existing_stem(session_id)
         with _hooks.busy():  # a crash hook arriving now would wait for our own compaction lock
-            path, _ = _compactor.compact(self.directory, stem)
+            path = _compactor.compact(self.directory, stem).path
         return Path(path)
 
-    def repair(self, session_id: str) -> tuple[int, int, Path] | None:
-        """Cut a corrupt WAL at its first damage, because you asked: the records before it are
-        kept, every byte from it on is moved intact to `<wal>.broken-<offset>`, and the JSON is
-        rebuilt. Returns (offset, bytes moved, path of the copy), or None if nothing was corrupt.
-        Never done implicitly: recover() and appends refuse corrupt WALs."""
+    def repair(self, session_id: str) -> Repair | None:
+        """The documented way out of every state that open() and appends refuse, because you
+        asked (never done implicitly); every record before the first damage is kept:
+
+        - corruption at byte p: the log is cut at p, every byte from p on moved intact to
+          `<wal>.broken-<p>`; a torn tail likewise, to `<wal>.torn-<p>`;
+        - a damaged file header or trace start record (nothing before the damage to keep): the
+          whole file is moved to `<wal>.broken-0`, and the session starts afresh on next open;
+        - a recorded fdatasync failure: the records since the last good flush are re-written
+          and fdatasynced again;
+        then the JSON is rebuilt (one showing records the WAL lost is kept as
+        `<json>.stale-<seq>`). Evidence files are never overwritten. Returns what was done, or
+        None if the log was sound. Run it while no writer is appending to the session."""
         stem = self._existing_stem(session_id)
+        result: Repair | None
         with _hooks.busy():
-            h = WalHandle(self.directory, stem, self.durability)
             try:
-                cut = h.cut_at_damage()
-            finally:
-                h.close()
+                h = WalHandle(self.directory, stem, self.durability)
+            except UnsupportedFormatError:
+                raise
+            except CorruptWALError as exc:  # the file header itself is damaged
+                result = set_aside_whole_wal(self.directory, stem, exc.reason)
+            else:
+                try:
+                    result = h.repair()
+                finally:
+                    h.close()
             with self._lock:  # our cached handle's view of the log may be stale: drop it
                 old = self._handles.pop(stem, None)
                 if old is not None:
                     self._retire(old)
-            if cut is None:
-                return None
-            _compactor.compact(self.directory, stem)
-        return cut[0], cut[1], Path(cut[2])
+            session = self._sessions.get(session_id)
+            if session is not None:
+                session.failed = None
+            if result is not None and result.action != "set_aside":
+                _compactor.compact(self.directory, stem)
+        return result
 
     def verify(self) -> VerifyReport:
         """Read-only integrity check of every WAL and JSON in the store (what `walspan verify`

@@ -2,20 +2,27 @@
 
 For every WAL: the header and every record's framing, checksum and sequence (corruption is an
 error; a torn tail is reported as a note: the next append or recover() truncates it). For every
-canonical JSON beside a WAL: it parses, it describes this WAL (same salt), it reflects no more
-than the WAL's valid prefix, and it is byte-for-byte what folding that prefix gives.
+canonical JSON beside a WAL: it parses, it describes this WAL (same WAL id), the WAL still holds
+the last record it reflects, and it is byte-for-byte what folding the WAL up to there gives.
+Damage is judged exactly as every other reader judges it (walspan/_reader.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 from ._compactor import fold_wal
-from ._fold import dumps
+from ._fold import TraceFold, dumps
+from ._format import wal_keys
+from ._fsutil import open_file
 from ._names import decode_stem
+from ._reader import read_header, record_at
 from .errors import CorruptWALError
+
+_EVIDENCE = re.compile(r"\.(?:wal\.(?:broken|torn)|json\.stale)-")
 
 
 @dataclass
@@ -38,6 +45,7 @@ class FileCheck:
 class VerifyReport:
     directory: str
     files: list[FileCheck] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -50,6 +58,8 @@ class VerifyReport:
 
 def verify_wal(wal_path: str) -> FileCheck:
     check = FileCheck(wal_path)
+    stem = os.path.basename(wal_path)[:-4]
+    check.session_id = decode_stem(stem)  # until the trace start says (hashed names)
     try:
         fold, scan = fold_wal(wal_path)
     except CorruptWALError as exc:
@@ -58,6 +68,7 @@ def verify_wal(wal_path: str) -> FileCheck:
     except OSError as exc:
         check.errors.append(f"{wal_path}: cannot read: {exc.strerror or exc}")
         return check
+    decoded = check.session_id
     check.session_id = fold.session_id
     check.records = scan.records
     check.valid_end = scan.end
@@ -66,18 +77,16 @@ def verify_wal(wal_path: str) -> FileCheck:
         check.torn_bytes = scan.torn_bytes
         check.notes.append(
             f"{wal_path}: torn tail of {scan.torn_bytes} bytes at offset {scan.torn_offset} "
-            f"({scan.torn_reason}); repaired by the next append or recover"
+            f"({scan.torn_reason}); the next append, recover or repair truncates it"
         )
-    stem = os.path.basename(wal_path)[:-4]
-    decoded = decode_stem(stem)
     if decoded is not None and fold.session_id is not None and decoded != fold.session_id:
         check.errors.append(f"{wal_path}: file name encodes session {decoded!r} but the trace says {fold.session_id!r}")
     json_path = wal_path[:-4] + ".json"
-    _verify_json(json_path, wal_path, fold.salt, check)
+    _verify_json(json_path, wal_path, fold, check)
     return check
 
 
-def _verify_json(json_path: str, wal_path: str, salt: int, check: FileCheck) -> None:
+def _verify_json(json_path: str, wal_path: str, fold: TraceFold, check: FileCheck) -> None:
     try:
         with open(json_path, "rb") as f:
             raw = f.read()
@@ -90,24 +99,50 @@ def _verify_json(json_path: str, wal_path: str, salt: int, check: FileCheck) -> 
     try:
         doc = json.loads(raw)
         wal = doc["wal"]
-        offset, jsalt = int(wal["offset"]), int(wal["salt"], 16)
+        offset, seq, wal_id = int(wal["offset"]), int(wal["seq"]), str(wal["id"])
+        last_record, last_crc = int(wal["last_record"]), int(wal["last_crc"])
     except (ValueError, KeyError, TypeError) as exc:
-        check.errors.append(f"{json_path}: not a valid canonical trace: {exc}")
+        check.errors.append(f"{json_path}: not a valid canonical trace: {exc}; `walspan compact` rebuilds it")
         return
-    if jsalt != salt:
-        check.errors.append(f"{json_path}: describes another WAL (salt {jsalt:016x}, WAL has {salt:016x})")
+    if wal_id != fold.wal_id:
+        check.errors.append(f"{json_path}: describes another WAL (id {wal_id}, this WAL's is {fold.wal_id})")
         return
-    if offset > check.valid_end:
-        check.errors.append(f"{json_path}: reflects WAL offset {offset}, beyond its valid end {check.valid_end}")
+    fd = open_file(wal_path, os.O_RDONLY)
+    try:
+        holds = offset <= check.valid_end and record_at(fd, last_record, wal_keys(read_header(fd, wal_path))) == (
+            seq,
+            offset,
+            last_crc,
+        )
+    finally:
+        os.close(fd)
+    if not holds:
+        check.errors.append(
+            f"{json_path}: shows records up to seq {seq} (offset {offset}) that the WAL does not hold "
+            f"(its valid records end at offset {check.valid_end}): they were lost to damage or a cut; "
+            "`walspan compact` keeps this JSON aside as evidence and rebuilds it from the WAL"
+        )
         return
-    fold, _ = fold_wal(wal_path, upto=offset)
-    if dumps(fold.to_dict()) != raw:
+    upto, _ = fold_wal(wal_path, upto=offset)
+    if dumps(upto.to_dict()) != raw:
         check.errors.append(f"{json_path}: differs from the fold of the WAL up to offset {offset}")
+
+
+def _evidence_notes(directory: str, names: list[str], report: VerifyReport) -> None:
+    """Files that repairs and compactions set aside are evidence: say they are there."""
+    kept = [n for n in names if _EVIDENCE.search(n)]
+    if kept:
+        report.notes.append(
+            f"{len(kept)} file(s) kept as evidence of damage or of a torn tail (never read by walspan; "
+            f"inspect, then delete them): {', '.join(kept[:5])}{' ...' if len(kept) > 5 else ''}"
+        )
 
 
 def verify_dir(directory: str) -> VerifyReport:
     report = VerifyReport(directory)
-    for name in sorted(os.listdir(directory)):
+    names = sorted(os.listdir(directory))
+    for name in names:
         if name.endswith(".wal") and not name.startswith("."):
             report.files.append(verify_wal(os.path.join(directory, name)))
+    _evidence_notes(directory, names, report)
     return report

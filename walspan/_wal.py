@@ -4,23 +4,13 @@ Files, for a session whose name stem is S (docs/FORMAT.md, "Files"):
 
     S.wal                 the log (header + records), append-only
     .walspan/S.lock       flock'ed around every append: the append lock
-    .walspan/S.shm        128 bytes shared by every process through mmap (below); flock'ed
-                          exclusively by the process leading a flush: the flush lock
+    .walspan/S.shm        the shared state (walspan/_shm.py), mapped by every process;
+                          flock'ed exclusively by the process leading a flush: the flush lock
 
-The shared state lets an append skip re-reading the log and lets writers share fdatasyncs:
-
-    0  magic          b"WSPSHM01"
-    8  salt           the salt of the WAL this state describes (else the state is ignored)
-    16 written_end    \\ offset after the last complete record,   | written together under the
-    24 last_seq        | its sequence number,                     | append lock; a crash
-    32 terminal_off    | offset of the terminal record or 0,      | between the stores leaves
-    40 state_crc      /  crc32 of bytes 8..40                     | a bad crc -> full rescan
-    48 durable_end    every byte below it has been fdatasync'ed  | written under the append
-    56 durable_crc    crc32 of salt (8 bytes) + durable_end      / lock, only ever raised
-    64 flush_hint     written_end as read by the flush leader before its fdatasync (a hint)
-
-Readers that do not hold the lock copy a field group in one slice and check its crc, so a
-read racing a store is detected (and treated as "unknown"), never taken for a larger value.
+Under the append lock a writer trusts the shared state only if it is consistent with the log
+(same WAL, same kernel run, written_end == the file's size, durable_end <= written_end);
+otherwise it rebuilds it by scanning the log, truncating a torn tail (and keeping the torn
+bytes as evidence when it cannot prove they were never acknowledged).
 
 Group commit. After its write, an append needs its record (ending at E) durable:
 
@@ -30,37 +20,34 @@ Group commit. After its write, an append needs its record (ending at E) durable:
    after it began), the first thread to wake leads the next flush, which covers every record
    its process's threads wrote meanwhile: one fdatasync for the whole batch.
 3. Across processes, that one thread tries the flush lock without blocking. The leader who
-   gets it reads written_end W, publishes W as flush_hint, runs one fdatasync and raises
-   durable_end to W. A writer who finds the lock taken and flush_hint >= E waits for that
-   flush with a *shared* flock (every such waiter wakes at once when the leader is done, with
-   no hand-off from waiter to waiter), then looks at durable_end again.
-4. A writer whose record another process's flush in flight does not cover (it was written
-   after that flush began) does not queue behind it: it reads W and runs its own fdatasync
-   at once, beside the leader's. The kernel merges overlapping fdatasyncs of one file into one
-   journal commit, so serialising processes here would only add a slow flock hand-off per
-   flush (measured: slower than no sharing at all).
+   gets it reads (cut_gen, written_end W), publishes W as flush_hint, runs one fdatasync and
+   raises durable_end to W. A writer who finds the lock taken and flush_hint >= E waits for
+   that flush with a *shared* flock (every such waiter wakes at once when the leader is done),
+   then looks at durable_end again.
+4. A writer whose record another process's flush in flight does not cover runs its own
+   fdatasync at once, beside the leader's (the kernel merges overlapping fdatasyncs of one
+   file into one journal commit).
 
 Why an acknowledged record is durable: an append returns only (a) after observing
 durable_end >= E, or (b) after an fdatasync of its own that began after its record was
-written. durable_end is raised only to a W read before an fdatasync that then succeeded, and
-written_end only counts complete records, so every byte below W was written before that
-fdatasync began and is covered by it. durable_end is raised (never lowered, except by the
-torn-tail repair below) under the append lock, so concurrent raises cannot lose one another.
-flush_hint only decides whether to wait or to flush: a stale or torn value costs a flush or a
-second look, never a wrong acknowledgement. durable_end is only ever a record boundary, so a
-torn tail below it means damage to synced data, not a crash. A failed fdatasync is never
-retried: the handle is marked failed and every later append on it raises DurabilityError.
+written. durable_end is raised, under the append lock, only to a W read before an fdatasync
+that then succeeded, and only if no cut happened since W was read (cut_gen unchanged) and no
+process recorded a failed fdatasync; written_end only counts complete records, so every byte
+below W was written before that fdatasync began and is covered by it. flush_hint only decides
+whether to wait or to flush: a stale value costs a flush or a second look, never a wrong
+acknowledgement. A failed fdatasync is never retried: it is recorded in the shared state, and
+every process then refuses appends to this WAL (DurabilityError) until `repair` re-writes and
+re-syncs what followed the last good flush.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
-import mmap
 import os
-import struct
+import secrets
 import threading
 import time
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -70,30 +57,23 @@ from . import _fsutil, _locking
 from ._format import (
     FILE_HEADER_SIZE,
     MAX_RECORD_PAYLOAD,
-    RECORD_HEADER,
-    RECORD_HEADER_SIZE,
     RecordType,
     encode_file_header,
     frame_record,
     pack_payload,
     unpack_payload,
+    wal_keys,
 )
-from ._reader import ScanState, iter_records, read_header
+from ._reader import ScanState, iter_records, payload_at, read_header
+from ._shm import SharedState, State, witness
 from .errors import CorruptWALError, DurabilityError, TraceClosedError
 
 log = logging.getLogger("walspan")
 
-SHM_SIZE = 128
-_SHM_MAGIC = b"WSPSHM01"
-_STATE = struct.Struct("<QQQQ")  # salt, written_end, last_seq, terminal_off
-_U64 = struct.Struct("<Q")
-_U32 = struct.Struct("<I")
-_STATE_CRC = struct.Struct("<QQQQI")
-_MAGIC_STATE_CRC = struct.Struct("<8sQQQQI")
-_DURABLE = struct.Struct("<QI")
 _TERMINAL = int(RecordType.TERMINAL)
 _ATTACH, _DETACH = int(RecordType.WRITER_ATTACH), int(RecordType.WRITER_DETACH)
 _WRITER_TYPES = frozenset({_ATTACH, _DETACH, int(RecordType.WRITER_LOST)})
+_NO_PAYLOADS: frozenset[int] = frozenset()
 _SLOW_FSYNC_NS = 1_000_000_000
 
 DURABLE = "durable"
@@ -105,26 +85,26 @@ def internal_dir(store_dir: str) -> str:
     return os.path.join(store_dir, ".walspan")
 
 
-def durable_end_of(store_dir: str, stem: str, salt: int) -> int:
-    """durable_end as the shared state of that WAL records it, read without mapping it; 0 when
-    there is no trustworthy value (no state file, another WAL's state, a read racing a store)."""
-    try:
-        fd = _fsutil.open_file(os.path.join(internal_dir(store_dir), stem + ".shm"), os.O_RDONLY)
-    except FileNotFoundError:
-        return 0
-    try:
-        snap = os.pread(fd, 12, 48)
-    finally:
-        os.close(fd)
-    if len(snap) < 12:
-        return 0
-    value, crc = _DURABLE.unpack(snap)
-    return int(value) if crc == zlib.crc32(snap[:8], zlib.crc32(_U64.pack(salt))) else 0
-
-
 def create_wal(wal_path: str, salt: int, first_records: bytes) -> bool:
     """Create a WAL holding its header and first records, atomically; False if it exists."""
     return _fsutil.create_exclusive(wal_path, encode_file_header(salt) + first_records)
+
+
+def keep_evidence(path: str, fd: int, offset: int, label: str) -> str:
+    """Copy every byte of the file from `offset` on to a new file `<path>.<label>-<offset>`
+    (with a numeric suffix if that exists: evidence is never overwritten), durably."""
+    size = os.fstat(fd).st_size
+    data = os.pread(fd, size - offset, offset)
+    base = f"{path}.{label}-{offset}"
+    for n in range(1000):
+        copy = base if n == 0 else f"{base}.{n}"
+        if _fsutil.create_exclusive(copy, data):
+            return copy
+    raise FileExistsError(errno.EEXIST, "too many evidence files", base)  # pragma: no cover
+
+
+def _new_generation() -> int:
+    return int.from_bytes(secrets.token_bytes(8), "little")
 
 
 class WalHandle:
@@ -149,17 +129,16 @@ class WalHandle:
         self.users = 0  # owned by the Store's descriptor cache (under its lock)
         self.retired = False  # left that cache: close when the last user is done
         self._fds: list[int] = []
+        self._shm: SharedState | None = None
         try:
             self.fd = self._open(self.path, os.O_RDWR)
             self.salt = read_header(self.fd, self.path)
-            self._salt_crc = zlib.crc32(_U64.pack(self.salt))
+            self.keys = wal_keys(self.salt)
             idir = internal_dir(store_dir)
             os.makedirs(idir, mode=_fsutil.DIR_MODE, exist_ok=True)  # e.g. WALs copied without it
             self._lock_fd = self._open(os.path.join(idir, stem + ".lock"), os.O_RDWR | os.O_CREAT)
-            self._shm_fd = self._open(os.path.join(idir, stem + ".shm"), os.O_RDWR | os.O_CREAT)
-            if os.fstat(self._shm_fd).st_size < SHM_SIZE:
-                os.ftruncate(self._shm_fd, SHM_SIZE)  # racing creators extend to the same zeros
-            self._shm = mmap.mmap(self._shm_fd, SHM_SIZE)
+            self._shm = SharedState(os.path.join(idir, stem + ".shm"), self.salt)
+            self._shm_fd = self._shm.fd
         except BaseException:
             self._close_fds()
             raise
@@ -169,155 +148,193 @@ class WalHandle:
         self._fds.append(fd)
         return fd
 
-    # -- shared state ---------------------------------------------------------------------
-
-    def _load_state(self, size: int) -> tuple[int, int, int] | None:
-        """(written_end, last_seq, terminal_off) if the shared state is trustworthy for `size`."""
-        snap = self._shm[0:44]  # one copy: magic, the four fields and their crc
-        magic, salt, written_end, last_seq, terminal_off, crc = _MAGIC_STATE_CRC.unpack(snap)
-        if magic != _SHM_MAGIC or salt != self.salt or crc != zlib.crc32(snap[8:40]):
-            return None
-        if not FILE_HEADER_SIZE <= written_end <= size:
-            return None
-        return written_end, last_seq, terminal_off
-
-    def _store_state(self, written_end: int, last_seq: int, terminal_off: int) -> None:
-        packed = _STATE.pack(self.salt, written_end, last_seq, terminal_off)
-        self._shm[0:44] = _SHM_MAGIC + packed + _U32.pack(zlib.crc32(packed))
+    @property
+    def shm(self) -> SharedState:
+        assert self._shm is not None
+        return self._shm
 
     def _durable_end(self) -> int:
-        snap = self._shm[48:60]
-        value, crc = _DURABLE.unpack(snap)
-        if crc != zlib.crc32(snap[:8], self._salt_crc):
-            return 0  # never written for this WAL, or a read racing a store: unknown
-        return int(value)
+        return self.shm.durable_end()
 
-    def _set_durable_end(self, value: int) -> None:
-        """Under the append lock only."""
-        packed = _U64.pack(value)
-        self._shm[48:60] = packed + _U32.pack(zlib.crc32(packed, self._salt_crc))
-
-    def _flush_hint(self) -> int:
-        return int(_U64.unpack(self._shm[64:72])[0])
-
-    def _complete_end(self, fallback: int) -> int:
-        """written_end read without the append lock, or `fallback` if it cannot be trusted."""
-        snap = self._shm[8:44]
-        salt, written_end, _seq, _term, crc = _STATE_CRC.unpack(snap)
-        if salt != self.salt or crc != zlib.crc32(snap[:32]) or written_end < fallback:
-            return fallback
-        return int(written_end)
+    def witness(self) -> int:
+        """How far the log is known to be whole, from the shared state (see _shm.witness)."""
+        return witness(self.shm.read(os.fstat(self.fd).st_size))
 
     # -- the locked section ---------------------------------------------------------------
 
     @contextmanager
-    def locked(self) -> Iterator[LockedWal]:
+    def locked(self, *, allow_failed: bool = False) -> Iterator[LockedWal]:
         """Hold the append lock; yield a view with the current end of the log and `append`."""
-        if self._failed is not None:
+        if self._failed is not None and not allow_failed:
             raise self._failed
         if self._closed:
             raise ValueError(f"WAL handle for {self.path} is closed")
         with self._mutex:
             _locking.lock(self._lock_fd)
             try:
-                yield LockedWal(self, *self._sync_locked())
+                yield self._sync_locked(allow_failed)
             finally:
                 _locking.unlock(self._lock_fd)
 
-    def _sync_locked(self) -> tuple[int, int, int]:
-        """Under the lock: find the end of the valid log, repairing a torn tail."""
+    def _sync_locked(self, allow_failed: bool = False) -> LockedWal:
+        """Under the lock: the valid end of the log, from the shared state if it can be trusted,
+        else from a scan (which truncates a torn tail)."""
         size = os.fstat(self.fd).st_size
-        state = self._load_state(size)
-        if state is not None and state[0] == size:
-            return state
-        if state is None:
-            start, start_seq, terminal_off = FILE_HEADER_SIZE, 0, 0
-        else:
-            start, start_seq, terminal_off = state
+        st = self.shm.read(size)
+        if st is None or not st.same_boot or st.written_end != size:
+            st = self._rebuild_locked(size, st)
+        if st.failed and not allow_failed:
+            raise self._poisoned()
+        return LockedWal(self, st)
+
+    def _rebuild_locked(self, size: int, st: State | None) -> State:
+        if st is not None and st.same_boot:  # a writer died after its write, or mid-write
+            start, seq, term = st.written_end, st.last_seq, st.terminal_off
+            durable, gen, failed = st.durable_end, st.cut_gen, st.failed
+        else:  # no state, another WAL's, one the log contradicts, or one from before a reboot
+            start, seq, term = FILE_HEADER_SIZE, 0, 0
+            durable = st.durable_end if st is not None else 0
+            gen, failed = _new_generation(), 0
         scan = ScanState(self.path)
         for offset, rtype, _seq, _payload in iter_records(
-            self.fd, scan, start=start, start_seq=start_seq, salt=self.salt, decode_types=frozenset()
+            self.fd, scan, start=start, start_seq=seq, salt=self.salt, decode_types=_NO_PAYLOADS,
+            durable_end=witness(st),
         ):
-            if rtype == _TERMINAL and not terminal_off:
-                terminal_off = offset
+            if rtype == _TERMINAL and not term:
+                term = offset
         if scan.end == FILE_HEADER_SIZE:
             # The trace start is written with the file (create_wal): its loss is damage, not a tear.
-            raise CorruptWALError(self.path, FILE_HEADER_SIZE, "no trace start record; not repairing")
-        if scan.torn_offset is not None:
-            self._repair_locked(scan)
-        self._store_state(scan.end, scan.last_seq, terminal_off)
-        return scan.end, scan.last_seq, terminal_off
-
-    def _repair_locked(self, scan: ScanState) -> None:
-        """Truncate a torn tail (a writer died mid-write), durably, under the append lock."""
+            raise CorruptWALError(self.path, FILE_HEADER_SIZE, "no trace start record; run `walspan repair`")
+        if scan.torn_offset is None:
+            new = State(scan.end, scan.last_seq, term, min(durable, scan.end), gen, failed, True)
+            self.shm.store(*new[:6])
+            return new
         torn = scan.torn_offset
-        assert torn is not None
-        if torn < self._durable_end():
-            raise CorruptWALError(
-                self.path, torn, f"{scan.torn_reason} inside the region already made durable; not truncating"
-            )
+        # Within one kernel run, bytes past written_end are a write that never returned: never
+        # acknowledged. Otherwise that cannot be proven, so the bytes are kept as evidence.
+        evidence = None if (st is not None and st.same_boot) else keep_evidence(self.path, self.fd, torn, "torn")
         log.warning(
-            "walspan: %s: truncating torn tail of %d bytes at offset %d (%s)",
-            self.path,
-            scan.torn_bytes,
-            torn,
-            scan.torn_reason,
+            "walspan: %s: truncating torn tail of %d bytes at offset %d (%s)%s",
+            self.path, scan.torn_bytes, torn, scan.torn_reason, f"; bytes kept in {evidence}" if evidence else "",
         )
-        self._truncate_locked(torn)
+        return self._truncate_locked(torn, scan.last_seq, term, durable, gen, failed)
 
-    def _truncate_locked(self, offset: int) -> None:
-        """Under the append lock: cut the log at `offset`, durably, before anything is appended
-        after it. durable_end may count bytes that are gone now: pull it back (it is written
-        under the append lock; a flush that read its target before the cut read at most the
-        old written_end <= offset, so it cannot push it past)."""
-        os.ftruncate(self.fd, offset)
-        self._sync()
-        if self._durable_end() > offset:
-            self._set_durable_end(offset)
+    def _truncate_locked(self, offset: int, last_seq: int, term: int, durable: int, gen: int, failed: int) -> State:
+        """Under the append lock: cut the log at `offset` (a record boundary), durably, before
+        anything is appended after it. The shared state is lowered first, and made durable:
+        no later run of the kernel may see a durable_end above the cut log. cut_gen changes,
+        so a flush that read its target before the cut cannot raise durable_end over it."""
+        new = State(offset, last_seq, term if term < offset else 0, min(durable, offset), gen + 1, failed, True)
+        self.shm.store(*new[:6])
+        self.shm.persist()
+        _fsutil.truncate(self.fd, offset, self.path)
+        try:
+            self._sync()
+        except DurabilityError:
+            self._mark_failed_locked(new)
+            raise
+        return new
 
-    def cut_at_damage(self) -> tuple[int, int, str] | None:
-        """Repair a corrupt WAL because the caller asked (never done implicitly): keep the
-        records before the first damage and move every byte from it on, intact, to
-        S.wal.broken-<offset> (etcd's Repair, with the copy made durable before the cut).
-        Returns (offset, bytes moved, copy path), or None if there is no corruption."""
+    def _poisoned(self) -> DurabilityError:
+        return DurabilityError(
+            self.path,
+            "fdatasync",
+            OSError(
+                errno.EIO,
+                "an earlier fdatasync of this WAL failed (recorded in its shared state), so its last records "
+                "may not be on disk; nothing more is acknowledged until `walspan repair` re-writes and re-syncs them",
+            ),
+        )
+
+    def _mark_failed_locked(self, st: State) -> None:
+        """Under the append lock: record a failed fdatasync where every process sees it."""
+        self.shm.store(st.written_end, st.last_seq, st.terminal_off, st.durable_end, st.cut_gen, 1 + st.durable_end)
+
+    def _mark_failed(self) -> None:
         with self._mutex:
             _locking.lock(self._lock_fd)
             try:
-                scan = ScanState(self.path)
-                try:
-                    for _rec in iter_records(self.fd, scan, salt=self.salt, decode_types=frozenset()):
-                        pass
-                    return None
-                except CorruptWALError as exc:
-                    offset = exc.offset
-                if offset <= FILE_HEADER_SIZE:
-                    raise CorruptWALError(self.path, offset, "the trace start record is damaged: nothing to keep")
-                size = os.fstat(self.fd).st_size
-                tail = os.pread(self.fd, size - offset, offset)
-                copy = f"{self.path}.broken-{offset}"
-                _fsutil.atomic_replace(copy, tail)
-                self._truncate_locked(offset)
-                self._sync_locked()  # rebuild the shared state for the shortened log
-                log.warning("walspan: %s: moved %d damaged bytes at offset %d to %s", self.path, len(tail), offset, copy)
-                return offset, len(tail), copy
+                st = self.shm.read(os.fstat(self.fd).st_size)
+                if st is not None:
+                    self._mark_failed_locked(st)
             finally:
                 _locking.unlock(self._lock_fd)
+
+    def repair(self) -> Repair | None:
+        """Get the log out of every state that appends refuse, because the caller asked (never
+        done implicitly), keeping every record before the first damage:
+
+        - corruption at offset p: every byte from p on is moved, intact, to S.wal.broken-<p>
+          (etcd's Repair, with the copy made durable before the cut), and the log is cut at p;
+        - a torn tail at p: the same, to S.wal.torn-<p> (appends would cut it too);
+        - a recorded fdatasync failure: the records written since the last good flush are
+          re-written from the page cache, checked, and fdatasynced again.
+        Returns what was done, or None if the log was sound."""
+        with self._mutex:
+            _locking.lock(self._lock_fd)
+            try:
+                return self._repair_locked()
+            finally:
+                _locking.unlock(self._lock_fd)
+
+    def _repair_locked(self) -> Repair | None:
+        size = os.fstat(self.fd).st_size
+        st = self.shm.read(size)
+        scan = ScanState(self.path)
+        term = 0
+        damage: CorruptWALError | None = None
+        try:
+            for offset, rtype, _seq, _p in iter_records(
+                self.fd, scan, salt=self.salt, decode_types=_NO_PAYLOADS, durable_end=witness(st)
+            ):
+                if rtype == _TERMINAL and not term:
+                    term = offset
+        except CorruptWALError as exc:
+            damage = exc
+        durable = st.durable_end if st is not None else 0
+        gen = st.cut_gen if st is not None else _new_generation()
+        if damage is not None or scan.torn_offset is not None:
+            cut = damage.offset if damage is not None else scan.torn_offset
+            assert cut is not None
+            reason = damage.reason if damage is not None else scan.torn_reason
+            if scan.records == 0:  # the trace start itself is damaged: nothing before it to keep
+                return _set_aside_locked(self.path, self.fd, reason)
+            label = "broken" if damage is not None else "torn"
+            copy = keep_evidence(self.path, self.fd, cut, label)
+            self._truncate_locked(cut, scan.last_seq, term, durable, gen, 0)
+            log.warning("walspan: %s: moved %d bytes at offset %d to %s (%s)", self.path, size - cut, cut, copy, reason)
+            return Repair("cut" if damage is not None else "torn_tail", cut, size - cut, copy, reason)
+        if st is not None and st.failed:
+            start = st.failed - 1
+            data = os.pread(self.fd, scan.end - start, start)
+            _fsutil.write_all(self.fd, data, start, self.path)  # dirty the pages again
+            self._failed = None
+            self._sync()
+            self.shm.store(scan.end, scan.last_seq, term, scan.end, gen + 1, 0)
+            msg = "re-wrote and re-synced the records after a failed fdatasync"
+            log.warning("walspan: %s: %s (%d bytes from offset %d)", self.path, msg, len(data), start)
+            return Repair("resynced", start, len(data), None, msg)
+        if st is None or not st.same_boot or st.written_end != size:
+            self.shm.store(scan.end, scan.last_seq, term, min(durable, scan.end), _new_generation(), 0)
+        return None
 
     def prescan_writers(self) -> WriterScan:
         """The writer records of the valid log, read without the append lock (a concurrent
         append only ends the scan early); LockedWal.attached_writers finishes it under the lock."""
         ws = WriterScan({}, 0, FILE_HEADER_SIZE, 0)
         scan = ScanState(self.path)
-        for off, rtype, seq, payload in iter_records(self.fd, scan, salt=self.salt, decode_types=_WRITER_TYPES):
+        for off, rtype, seq, payload in iter_records(
+            self.fd, scan, salt=self.salt, decode_types=_WRITER_TYPES, durable_end=self.witness()
+        ):
             ws.last, ws.seq, ws.end = off, seq, scan.end
             if payload is not None:
                 _apply_writer_record(ws.attached, rtype, payload)
         return ws
 
     def terminal_info(self, terminal_off: int) -> dict[str, Any]:
-        header = os.pread(self.fd, RECORD_HEADER_SIZE, terminal_off)
-        _crc, length, _t, _f, _s = RECORD_HEADER.unpack_from(header, 0)
-        return unpack_payload(os.pread(self.fd, length, terminal_off + RECORD_HEADER_SIZE))  # type: ignore[no-any-return]
+        body = payload_at(self.fd, terminal_off, self.keys)
+        info = unpack_payload(body) if body is not None else None
+        return info if isinstance(info, dict) else {}
 
     # -- appends --------------------------------------------------------------------------
 
@@ -332,7 +349,7 @@ class WalHandle:
         with self._mutex:
             _locking.lock(self._lock_fd)
             try:
-                wal = LockedWal(self, *self._sync_locked())
+                wal = self._sync_locked()
                 if wal.terminal_off:
                     info = self.terminal_info(wal.terminal_off)
                     raise TraceClosedError(session_id, info.get("status", "?"), info.get("message"))
@@ -372,32 +389,50 @@ class WalHandle:
 
     def _flush_across_processes(self, end: int) -> None:
         """This process's one flush: lead one, wait for one in flight, or flush beside it."""
+        shm = self.shm
         if _locking.try_lock(self._shm_fd):
             try:
-                if self._durable_end() >= end:
+                if shm.durable_end() >= end:
                     return
-                target = self._complete_end(end)
-                self._shm[64:72] = _U64.pack(target)
-                self._sync_and_raise(target)
+                snap = shm.cut_gen_and_end()
+                if snap is not None and snap[1] >= end:
+                    shm.flush_hint = snap[1]
+                self._sync_and_raise(snap, end)
             finally:
                 _locking.unlock(self._shm_fd)
             return
-        if self._flush_hint() >= end:
+        if shm.flush_hint >= end:
             _locking.lock_shared(self._shm_fd)  # wakes when the leader is done
             _locking.unlock(self._shm_fd)
-            if self._durable_end() >= end:
+            if shm.durable_end() >= end:
                 return
             # the leader failed, or the hint was stale: flush ourselves
-        self._sync_and_raise(self._complete_end(end))
+        self._sync_and_raise(shm.cut_gen_and_end(), end)
 
-    def _sync_and_raise(self, target: int) -> None:
-        """fdatasync, then raise durable_end to `target` (a written_end read before it)."""
-        self._sync()
+    def _sync_and_raise(self, snap: tuple[int, int] | None, end: int) -> None:
+        """fdatasync (it began after our record, ending at `end`, was written: that alone
+        acknowledges it), then raise durable_end to the written_end read before it, for the
+        other writers, unless the log was cut meanwhile or a failure was recorded."""
+        try:
+            self._sync()
+        except DurabilityError:
+            self._mark_failed()
+            raise
+        if snap is None or snap[1] < end:
+            return  # the state was unreadable or stale: our own record is covered, that is all
+        gen, target = snap
         with self._mutex:
             _locking.lock(self._lock_fd)
             try:
-                if self._durable_end() < target:
-                    self._set_durable_end(target)
+                st = self.shm.read(os.fstat(self.fd).st_size)
+                if (
+                    st is not None
+                    and st.same_boot
+                    and st.cut_gen == gen
+                    and not st.failed
+                    and st.durable_end < target <= st.written_end
+                ):
+                    self.shm.store(st.written_end, st.last_seq, st.terminal_off, target, gen, 0)
             finally:
                 _locking.unlock(self._lock_fd)
 
@@ -431,12 +466,9 @@ class WalHandle:
             self._close_fds()
 
     def _close_fds(self) -> None:
-        shm = getattr(self, "_shm", None)
-        if shm is not None:
-            try:
-                shm.close()
-            except (BufferError, ValueError):  # pragma: no cover
-                pass
+        if self._shm is not None:
+            self._shm.close()
+            self._shm = None
         for fd in self._fds:
             try:
                 os.close(fd)
@@ -453,21 +485,66 @@ class WalHandle:
         self._close_fds()
 
 
+def set_aside_whole_wal(store_dir: str, stem: str, reason: str) -> Repair:
+    """Move a WAL whose file header is damaged (no handle can open it) aside, under its append
+    lock: nothing in it can be trusted, so every byte is kept and the session starts afresh."""
+    path = os.path.join(store_dir, stem + ".wal")
+    idir = internal_dir(store_dir)
+    os.makedirs(idir, mode=_fsutil.DIR_MODE, exist_ok=True)
+    lock_fd = _fsutil.open_file(os.path.join(idir, stem + ".lock"), os.O_RDWR | os.O_CREAT)
+    try:
+        _locking.lock(lock_fd)
+        fd = _fsutil.open_file(path, os.O_RDONLY)
+        try:
+            return _set_aside_locked(path, fd, reason)
+        finally:
+            os.close(fd)
+    finally:
+        try:
+            _locking.unlock(lock_fd)
+        finally:
+            os.close(lock_fd)
+
+
+def _set_aside_locked(path: str, fd: int, reason: str) -> Repair:
+    size = os.fstat(fd).st_size
+    copy = keep_evidence(path, fd, 0, "broken")
+    os.unlink(path)
+    _fsutil.fsync_dir(os.path.dirname(path) or ".")
+    log.warning("walspan: %s: nothing before the damage to keep (%s); moved the whole file to %s", path, reason, copy)
+    return Repair("set_aside", 0, size, copy, reason)
+
+
+@dataclass
+class Repair:
+    """What a repair did: `action` is "cut" (corruption), "torn_tail", "set_aside" (the whole
+    file) or "resynced" (after a failed fdatasync); `evidence`: where the moved bytes are."""
+
+    action: str
+    offset: int
+    moved: int
+    evidence: str | None
+    reason: str
+
+
 class LockedWal:
     """The log while its append lock is held: its valid end, and appends at that end."""
 
-    __slots__ = ("_h", "end", "last_seq", "terminal_off")
+    __slots__ = ("_h", "end", "last_seq", "terminal_off", "_durable", "_gen", "_failed")
 
-    def __init__(self, handle: WalHandle, end: int, last_seq: int, terminal_off: int) -> None:
+    def __init__(self, handle: WalHandle, st: State) -> None:
         self._h = handle
-        self.end = end
-        self.last_seq = last_seq
-        self.terminal_off = terminal_off
+        self.end = st.written_end
+        self.last_seq = st.last_seq
+        self.terminal_off = st.terminal_off
+        self._durable = st.durable_end
+        self._gen = st.cut_gen
+        self._failed = st.failed
 
     def append_packed(self, rtype: int, body: bytes) -> tuple[int, int]:
         h = self._h
         seq = self.last_seq + 1
-        frame = frame_record(h.salt, rtype, seq, body)
+        frame = frame_record(h.keys, rtype, seq, body)
         offset = self.end
         try:
             _fsutil.write_all(h.fd, frame, offset, h.path)
@@ -482,7 +559,7 @@ class LockedWal:
             self.terminal_off = offset
         self.end = end
         self.last_seq = seq
-        h._store_state(end, seq, self.terminal_off)
+        h.shm.store(end, seq, self.terminal_off, self._durable, self._gen, self._failed)
         return seq, end
 
     def append(self, rtype: int, payload: dict[str, Any]) -> tuple[int, int]:
@@ -491,22 +568,16 @@ class LockedWal:
     def records(
         self, decode_types: frozenset[int] | None = None, start: int = FILE_HEADER_SIZE, start_seq: int = 0
     ) -> Iterator[tuple[int, int, int, bytes | None]]:
-        """Iterate the valid log from `start` (a record boundary) up to `end` (under the lock:
-        nothing moves)."""
+        """Iterate the valid log from `start` (a record boundary) up to `end`. Under the lock
+        nothing moves, and every byte below `end` was vouched for: damage there is corruption."""
         h = self._h
         scan = ScanState(h.path)
-        for rec in iter_records(h.fd, scan, start=start, start_seq=start_seq, salt=h.salt, decode_types=decode_types):
+        for rec in iter_records(
+            h.fd, scan, start=start, start_seq=start_seq, salt=h.salt, decode_types=decode_types, durable_end=self.end
+        ):
             if rec[0] >= self.end:
                 return
             yield rec
-        if scan.torn_offset is not None and scan.torn_offset < self.end:
-            # Damage below the end the shared state vouched for (e.g. bit rot in the last record):
-            # corruption inside the durable region, else a torn tail that state did not know of.
-            h._repair_locked(scan)
-            self.end, self.last_seq = scan.end, scan.last_seq
-            if self.terminal_off >= scan.end:
-                self.terminal_off = 0
-            h._store_state(self.end, self.last_seq, self.terminal_off)
 
     def attached_writers(self, pre: WriterScan | None = None) -> WriterScan:
         """The attach records of writers neither detached nor lost, and the offset of the last

@@ -6,15 +6,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import os
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
-from ._store import Store
+from ._names import decode_stem, encode_session_id
+from ._store import Store, read_first_record
 from ._stress import register as register_stress
-from ._verify import verify_dir
+from ._verify import FileCheck, verify_dir
 from .errors import WalspanError
 
 
@@ -156,32 +159,68 @@ def cmd_compact(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _session_arg(f: FileCheck) -> str:
+    """How to name this WAL's session on a command line (repair takes the raw session id)."""
+    if f.session_id is not None:
+        return shlex.quote(f.session_id)
+    return "--wal " + shlex.quote(os.path.basename(f.wal))
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     report = verify_dir(_existing_dir(args.dir))
     for f in report.files:
+        who = f"session {f.session_id!r}" if f.session_id is not None else os.path.basename(f.wal)
         for e in f.errors:
-            print(f"ERROR {e}")
+            print(f"ERROR {who}: {e}")
         if args.verbose or not f.ok:
             for n in f.notes:
-                print(f"note  {n}")
+                print(f"note  {who}: {n}")
         if args.verbose and f.ok:
-            print(f"ok    {f.wal}: {f.records} records, {f.valid_end} bytes, status {f.status}")
-    bad = sum(1 for f in report.files if not f.ok)
-    print(f"{len(report.files)} WAL(s) checked, {bad} with errors")
-    if bad:
-        print("to keep a damaged trace's records before the damage and move the rest aside: walspan repair DIR SESSION")
+            print(f"ok    {who}: {f.records} records, {f.valid_end} bytes, status {f.status}")
+    for n in report.notes:
+        print(f"note  {n}")
+    bad = [f for f in report.files if not f.ok]
+    print(f"{len(report.files)} WAL(s) checked, {len(bad)} with errors")
+    for f in bad:
+        print(f"  to get out of it, keeping every record before the damage: walspan repair {shlex.quote(args.dir)} {_session_arg(f)}")
     return 1 if bad else 0
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
     store = _store(args.dir)
-    cut = store.repair(args.session)
-    if cut is None:
-        print(f"{args.session}: no corruption found; nothing changed")
+    if (args.session is None) == (args.wal is None):
+        raise UsageError("repair takes a SESSION id, or --wal FILE for a WAL whose session id cannot be read")
+    session = args.session if args.session is not None else _session_of_wal(store, args.wal)
+    result = store.repair(session)
+    label = repr(session)
+    if result is None:
+        print(f"{label}: no damage found; nothing changed")
         return 0
-    offset, moved, copy = cut
-    print(f"{args.session}: kept the records before byte offset {offset}; moved {moved} bytes to {copy}")
+    if result.action == "resynced":
+        print(f"{label}: re-wrote and re-synced {result.moved} bytes from offset {result.offset} after a failed fdatasync")
+    elif result.action == "set_aside":
+        print(f"{label}: nothing before the damage to keep ({result.reason}); moved the whole WAL to {result.evidence}")
+    else:
+        what = "torn tail" if result.action == "torn_tail" else "damage"
+        print(
+            f"{label}: kept the records before byte offset {result.offset}; moved {result.moved} bytes "
+            f"from the {what} on ({result.reason}) to {result.evidence}"
+        )
     return 0
+
+
+def _session_of_wal(store: Store, name: str) -> str:
+    stem = os.path.basename(name)
+    stem = stem[:-4] if stem.endswith(".wal") else stem
+    sid = decode_stem(stem)
+    if sid is None or encode_session_id(sid) != stem:
+        try:
+            sid = read_first_record(os.path.join(store.directory, stem + ".wal")).get("session_id")
+        except (OSError, ValueError, WalspanError):
+            sid = None
+    if not isinstance(sid, str):
+        raise UsageError(f"cannot tell the session of {name}: its name is hashed and its trace start is damaged")
+    return sid
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
@@ -235,10 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_verify)
 
     s = sub.add_parser(
-        "repair", help="cut a corrupt WAL at its first damage, moving the rest to <wal>.broken-<offset>"
+        "repair", help="get a damaged WAL going again: keep the records before the damage, move the rest aside"
     )
     s.add_argument("dir")
-    s.add_argument("session")
+    s.add_argument("session", nargs="?")
+    s.add_argument("--wal", help="the WAL's file name, for a WAL whose session id cannot be read")
     s.set_defaults(func=cmd_repair)
 
     s = sub.add_parser("recover", help="mark crashed the traces whose writers all died")
@@ -249,7 +289,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _WarningsToStderr(logging.Handler):
+    """walspan's warnings (a torn tail truncated, evidence kept, a JSON set aside) are things a
+    CLI user must be told: one line each on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        print(msg if msg.startswith("walspan: ") else f"walspan: {msg}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    logger = logging.getLogger("walspan")
+    handler = _WarningsToStderr(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        return _main(argv)
+    finally:
+        logger.removeHandler(handler)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
         func: Callable[[argparse.Namespace], int] = args.func

@@ -24,6 +24,11 @@ class CorruptWALError(WalspanError):
         return (type(self), (self.path, self.offset, self.reason))
 
 
+class UnsupportedFormatError(CorruptWALError):
+    """The file is a WAL of a format version this walspan does not read (e.g. walspan 0.1's
+    format 1). Not damage: `repair` refuses to touch it."""
+
+
 class TraceClosedError(WalspanError):
     """The trace already has a terminal record (completed, error or crashed): nothing more may be
     appended to it, and nothing was written."""

@@ -1,0 +1,218 @@
+"""The shared state of one WAL (`.walspan/S.shm`): a cache of the log that every process maps.
+
+It lets an append skip re-reading the log, lets writers share fdatasyncs (group commit), and
+tells readers how much of the log is known to be whole. It is never the truth: every field is
+checked against the log before it is used, and the state is rebuilt from the log whenever it
+cannot be trusted (docs/FORMAT.md, "Shared state"). Layout, little-endian, 128 bytes::
+
+    0   magic         8s   b"WSPSHM02"
+    8   salt          u64  the salt of the WAL described (else: another WAL's state)
+    16  boot          16s  id of the kernel run that wrote it (a reboot may have lost writes)
+    32  written_end   u64  offset just past the last complete record
+    40  last_seq      u64  its sequence number
+    48  terminal_off  u64  offset of the TERMINAL record, or 0
+    56  durable_end   u64  every byte below it has been fdatasynced (a record boundary)
+    64  cut_gen       u64  changes whenever the log is cut or the state rebuilt
+    72  failed        u64  0, or 1 + durable_end when an fdatasync of the WAL failed
+    80  crc           u32  crc32 of bytes 8..80
+    88  flush_hint    u64  a flush leader's target: a hint, never trusted for durability
+
+Bytes 0..84 are written together, under the append lock only; a reader copies them in one
+slice and checks the crc, so a read racing a store is seen as "unknown", never as a value.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import mmap
+import os
+import struct
+import uuid
+import zlib
+from typing import NamedTuple
+
+from . import _fsutil
+from ._format import FILE_HEADER_SIZE
+
+SHM_SIZE = 128
+MAGIC = b"WSPSHM02"
+_GROUP = struct.Struct("<8sQ16sQQQQQQ")
+_CRC_AT = _GROUP.size  # 80
+_GROUP_END = _CRC_AT + 4
+_HINT_AT = 88
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+class State(NamedTuple):
+    written_end: int
+    last_seq: int
+    terminal_off: int
+    durable_end: int
+    cut_gen: int
+    failed: int
+    same_boot: bool
+
+
+@functools.lru_cache(maxsize=1)
+def boot_id() -> bytes:
+    """16 bytes naming this run of the kernel: after a reboot, what the page cache held (and a
+    written_end vouched for) may not have reached the disk."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return uuid.UUID(f.read().strip()).bytes
+    except (OSError, ValueError):  # pragma: no cover - not Linux
+        import psutil
+
+        return struct.pack("<d", round(psutil.boot_time())) + b"\0" * 8
+
+
+def shm_path(wal_path: str) -> str:
+    directory, name = os.path.split(wal_path)
+    return os.path.join(directory, ".walspan", name[: -len(".wal")] + ".shm")
+
+
+def decode(raw: bytes | mmap.mmap, salt: int, size: int) -> State | None:
+    """The state in `raw` (bytes 0..84 of a state file) if it describes the WAL with this salt
+    and is consistent with a log of `size` bytes, else None."""
+    if len(raw) < _GROUP_END:
+        return None
+    magic, s, boot, written_end, last_seq, terminal_off, durable_end, cut_gen, failed = _GROUP.unpack_from(raw, 0)
+    if magic != MAGIC or s != salt or _U32.unpack_from(raw, _CRC_AT)[0] != zlib.crc32(raw[8:_CRC_AT]):
+        return None
+    same_boot = boot == boot_id()
+    if same_boot:
+        if not FILE_HEADER_SIZE <= written_end <= size or durable_end > written_end:
+            return None  # the log shrank under the state (restored, cut by hand): rebuild
+        if terminal_off and not FILE_HEADER_SIZE <= terminal_off < written_end:
+            return None
+    elif durable_end > size:
+        return None
+    return State(written_end, last_seq, terminal_off, durable_end, cut_gen, failed, same_boot)
+
+
+def witness(state: State | None) -> int:
+    """How far the log is known to be whole: damage below it is corruption, never a tear.
+
+    Within one kernel run that is written_end (complete writes sit in the page cache whatever
+    happens to a process); across a reboot only durable_end (lowered durably before any cut,
+    so a stale value is never too high)."""
+    if state is None:
+        return 0
+    return state.written_end if state.same_boot else state.durable_end
+
+
+def read_state(wal_path: str, salt: int, size: int) -> State | None:
+    """The state of a WAL, read without mapping or locking its file (None if none is usable)."""
+    try:
+        fd = _fsutil.open_file(shm_path(wal_path), os.O_RDONLY)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        raw = os.pread(fd, _GROUP_END, 0)
+    finally:
+        os.close(fd)
+    return decode(raw, salt, size)
+
+
+def read_witness(wal_path: str, salt: int, size: int) -> int:
+    """witness() of a WAL's state file, read without locking it (0 if none)."""
+    return witness(read_state(wal_path, salt, size))
+
+
+def read_durable_end(wal_path: str, salt: int, size: int) -> int:
+    """durable_end of a WAL's state file, read without locking it (0 if none, or if an
+    fdatasync failure is recorded there)."""
+    st = read_state(wal_path, salt, size)
+    return 0 if st is None or st.failed else st.durable_end
+
+
+class SharedState:
+    """The mapped state file of one WAL, for one process."""
+
+    def __init__(self, path: str, salt: int) -> None:
+        self.path = path
+        self.salt = salt
+        self._boot = boot_id()
+        fd = _fsutil.open_file(path, os.O_RDWR | os.O_CREAT)
+        try:
+            _allocate(fd, path)
+            self._mm = mmap.mmap(fd, SHM_SIZE)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+
+    def read(self, size: int) -> State | None:
+        return decode(self._mm[0:_GROUP_END], self.salt, size)
+
+    def store(self, written_end: int, last_seq: int, terminal_off: int, durable_end: int, cut_gen: int, failed: int) -> None:
+        """Under the append lock only."""
+        packed = _GROUP.pack(
+            MAGIC, self.salt, self._boot, written_end, last_seq, terminal_off, durable_end, cut_gen, failed
+        )
+        self._mm[0:_GROUP_END] = packed + _U32.pack(zlib.crc32(packed[8:]))
+
+    def durable_end(self) -> int:
+        """durable_end read without the append lock; 0 when unknown (a read racing a store, a
+        state of another WAL or kernel run, a recorded fdatasync failure)."""
+        raw = self._mm[0:_GROUP_END]
+        if _U32.unpack_from(raw, _CRC_AT)[0] != zlib.crc32(raw[8:_CRC_AT]):
+            return 0
+        magic, s, boot, _we, _seq, _term, durable_end, _gen, failed = _GROUP.unpack_from(raw, 0)
+        if magic != MAGIC or s != self.salt or boot != self._boot or failed:
+            return 0
+        return int(durable_end)
+
+    def cut_gen_and_end(self) -> tuple[int, int] | None:
+        """(cut_gen, written_end) read without the append lock, or None if unknown."""
+        raw = self._mm[0:_GROUP_END]
+        if _U32.unpack_from(raw, _CRC_AT)[0] != zlib.crc32(raw[8:_CRC_AT]):
+            return None
+        magic, s, boot, written_end, _seq, _term, _de, cut_gen, _failed = _GROUP.unpack_from(raw, 0)
+        if magic != MAGIC or s != self.salt or boot != self._boot:
+            return None
+        return int(cut_gen), int(written_end)
+
+    @property
+    def flush_hint(self) -> int:
+        return int(_U64.unpack_from(self._mm, _HINT_AT)[0])
+
+    @flush_hint.setter
+    def flush_hint(self, value: int) -> None:
+        self._mm[_HINT_AT : _HINT_AT + 8] = _U64.pack(value)
+
+    def persist(self) -> None:
+        """Make the mapped state durable (before a cut, so that no later kernel run can see a
+        durable_end above a log that was cut)."""
+        self._mm.flush()
+        _fsutil.sync_data(self.fd, self.path)
+
+    def close(self) -> None:
+        try:
+            self._mm.close()
+        except (BufferError, ValueError):  # pragma: no cover
+            pass
+        os.close(self.fd)
+
+
+def _allocate(fd: int, path: str) -> None:
+    """Give the state file real blocks before it is mapped. A file sized with ftruncate is a
+    hole: the first store through the mapping would then need a block, and on a full disk the
+    kernel can only answer with SIGBUS, killing the process. posix_fallocate never changes
+    bytes that exist, so racing openers are safe; SQLite does the same for its -shm file."""
+    fallocate = getattr(os, "posix_fallocate", None)
+    try:
+        _fsutil.faults("allocate", path)
+        if fallocate is not None:
+            fallocate(fd, 0, SHM_SIZE)
+        elif os.fstat(fd).st_size < SHM_SIZE:  # pragma: no cover - no posix_fallocate here
+            os.ftruncate(fd, SHM_SIZE)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(exc.errno, f"no space left to allocate the shared state file ({exc.strerror})", path) from exc
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL) and os.fstat(fd).st_size < SHM_SIZE:
+            os.ftruncate(fd, SHM_SIZE)  # a file system without fallocate: the old way
+            return
+        raise
