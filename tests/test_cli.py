@@ -92,7 +92,9 @@ def test_verify_clean_and_corrupt(tmp_path: Path, capsys: pytest.CaptureFixture[
     flip_byte(wal, off + 21)
     assert main(["verify", str(tmp_path)]) == 1
     out = capsys.readouterr().out
-    assert f"ERROR {wal}: corrupt at byte offset {off}" in out and "1 with errors" in out
+    assert f"ERROR session 'ses/1': {wal}: corrupt at byte offset {off}" in out and "1 with errors" in out
+    # the way out names the session the way `repair` takes it, not the file's stem
+    assert f"walspan repair {tmp_path} ses/1" in out
 
 
 def test_verify_detects_tampered_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -220,4 +222,4 @@ def test_verify_goes_on_past_an_unreadable_json(tmp_path: Path, capsys: pytest.C
     assert main(["verify", str(tmp_path)]) == 1
     cap = capsys.readouterr()
     assert cap.err == ""
-    assert f"ERROR {bad}" in cap.out and "2 WAL(s) checked, 1 with errors" in cap.out
+    assert f"ERROR session 'ses/1': {bad}" in cap.out and "2 WAL(s) checked, 1 with errors" in cap.out

@@ -117,8 +117,7 @@ def test_compaction_is_monotonic(pstore: walspan.Store, monkeypatch: pytest.Monk
         return fold, scan, True  # ...while the JSON it would replace matches this WAL
 
     monkeypatch.setattr(_compactor, "_fold_fd", stale)
-    _path, rewritten = _compactor.compact(pstore.directory, wal.name[:-4])
-    assert rewritten is False
+    assert _compactor.compact(pstore.directory, wal.name[:-4]).rewritten is False
     assert path.read_bytes() == current
 
 

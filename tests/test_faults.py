@@ -111,7 +111,14 @@ def test_fdatasync_error_is_not_retried_and_acknowledged(store_dir: Path, monkey
     assert "fsync" not in syncs, "the failed fdatasync was retried"
     monkeypatch.setattr(_fsutil.faults, "hook", None)
 
+    # The failure is recorded in the shared state: a fresh store (or another process) refuses
+    # too, until `repair` re-writes and re-syncs what followed the last good fdatasync.
     store2 = walspan.Store(store_dir, install_hooks=False)
+    with pytest.raises(walspan.DurabilityError, match="walspan repair"):
+        store2.open("s")
+    assert wal.stat().st_size == size
+    repaired = store2.repair("s")
+    assert repaired is not None and repaired.action == "resynced"
     t2 = store2.open("s")
     s2 = t2.start_span("after-reopen")
     s2.add_event("e", {"n": 5})

@@ -42,11 +42,12 @@ def test_file_header_layout() -> None:
     [
         (lambda h: h[:31], "32"),  # short
         (lambda h: b"X" + h[1:], "magic"),
-        (lambda h: h[:8] + struct.pack("<H", 2) + h[10:24] + struct.pack("<I", zlib.crc32(h[:8] + struct.pack("<H", 2) + h[10:24])) + h[28:], "version 2"),
+        (lambda h: h[:8] + struct.pack("<H", 3) + h[10:24] + struct.pack("<I", zlib.crc32(h[:8] + struct.pack("<H", 3) + h[10:24])) + h[28:], "version 3"),
+        (lambda h: h[:8] + struct.pack("<H", 1) + h[10:24] + struct.pack("<I", zlib.crc32(h[:8] + struct.pack("<H", 1) + h[10:24])) + h[28:], "version 1 .walspan 0.1."),
         (lambda h: h[:16] + bytes([h[16] ^ 1]) + h[17:], "checksum"),
         (lambda h: h[:24] + bytes([h[24] ^ 1]) + h[25:], "checksum"),
     ],
-    ids=["short", "bad-magic", "bad-version", "salt-flip", "crc-flip"],
+    ids=["short", "bad-magic", "bad-version", "v1", "salt-flip", "crc-flip"],
 )
 def test_bad_file_header_refused(damage, reason: str) -> None:
     """A short header, bad magic, unsupported version or header checksum mismatch is a HeaderError
@@ -56,20 +57,28 @@ def test_bad_file_header_refused(damage, reason: str) -> None:
 
 
 def test_record_layout_and_checksum() -> None:
-    """A record is crc32(seeded with the salt's low 32 bits) over length,type,flags,seq,payload,
-    then length u32, type u16, flags u16, seq u64, payload (invariant 2: length + checksum)."""
+    """A record is marker, length u32, type u16, flags u16, seq u64, body_crc u32 (crc32 of the
+    payload seeded with the file's key), head_crc u32 (crc32 of the 24 bytes before it, same
+    seed), then the payload (invariant 2: length + checksum). Marker and seed come from the salt
+    through a one-way hash: neither is the salt, nor a part of it."""
     payload = msgpack.packb({"a": 1})
     rec = encode_record(SALT, RecordType.SPAN_START, 7, payload)
-    assert len(rec) == RECORD_HEADER_SIZE + len(payload)
-    crc, length, rtype, flags, seq = struct.unpack_from("<IIHHQ", rec, 0)
-    assert (length, rtype, flags, seq) == (len(payload), 5, 0, 7)
-    seed = zlib.crc32(rec[4:20], SALT & 0xFFFFFFFF)
-    assert crc == zlib.crc32(payload, seed)
-    assert rec[20:] == payload
+    assert len(rec) == RECORD_HEADER_SIZE + len(payload) == 28 + len(payload)
+    marker, length, rtype, flags, seq, body_crc, head_crc = struct.unpack_from("<4sIHHQII", rec, 0)
+    keys = _format.wal_keys(SALT)
+    assert (marker, length, rtype, flags, seq) == (keys.sync, len(payload), 5, 0, 7)
+    assert body_crc == zlib.crc32(payload, keys.seed)
+    assert head_crc == zlib.crc32(rec[:24], keys.seed)
+    assert rec[28:] == payload
+    salt_bytes = SALT.to_bytes(8, "little")
+    assert keys.sync not in salt_bytes and keys.seed.to_bytes(4, "little") not in salt_bytes
+    assert keys.wal_id != f"{SALT:016x}" and len(keys.wal_id) == 16
+    other = _format.wal_keys(SALT ^ 1)
+    assert other.sync != keys.sync and other.seed != keys.seed and other.wal_id != keys.wal_id
 
 
 def test_empty_payload_record() -> None:
-    """An empty payload is a valid 20-byte record."""
+    """An empty payload is a valid 28-byte record."""
     rec = encode_record(SALT, RecordType.METADATA, 1, b"")
     assert len(rec) == RECORD_HEADER_SIZE
     assert struct.unpack_from("<I", rec, 4)[0] == 0

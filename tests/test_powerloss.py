@@ -26,18 +26,16 @@ import json
 import os
 import random
 import shutil
-import struct
 import subprocess
 import sys
 import textwrap
-import zlib
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import walspan
-from walspan import _fsutil
+from walspan import _fsutil, _shm
 from walspan._format import (
     FILE_HEADER_SIZE,
     RECORD_HEADER_SIZE,
@@ -53,7 +51,7 @@ _WRITER = textwrap.dedent(
     """
     import json, os, random, struct, sys, zlib
     import walspan
-    from walspan import _fsutil
+    from walspan import _format, _fsutil, _shm
     store_dir, durability, idx, n_ops, die_unsynced = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
     max_pad = int(sys.argv[6])
     store = walspan.Store(store_dir, durability=durability, install_hooks=False)
@@ -69,12 +67,10 @@ _WRITER = textwrap.dedent(
     _fsutil.faults.hook = hook
 
     def durable_end():
-        with open(os.path.join(store_dir, ".walspan", "s.shm"), "rb") as f:
-            shm = f.read(64)
         with open(wal, "rb") as f:
-            salt = f.read(32)[16:24]
-        value, crc = struct.unpack_from("<QI", shm, 48)
-        return value if crc == zlib.crc32(shm[48:56], zlib.crc32(salt)) else 0
+            salt = _format.decode_file_header(f.read(32))
+        st = _shm.read_state(wal, salt, os.stat(wal).st_size)
+        return st.durable_end if st is not None else 0
 
     def ack(n):
         out = {"n": n, "synced": state["synced"]}
@@ -138,11 +134,11 @@ def tagged_records(wal: Path) -> tuple[list[tuple[int, int, tuple[int, int] | No
 
 
 def shm_durable_end(store_dir: Path, stem: str = "s") -> int:
-    shm = (store_dir / ".walspan" / f"{stem}.shm").read_bytes()
-    salt = decode_file_header((store_dir / f"{stem}.wal").read_bytes()[:FILE_HEADER_SIZE])
-    value, crc = struct.unpack_from("<QI", shm, 48)
-    assert crc == zlib.crc32(shm[48:56], zlib.crc32(struct.pack("<Q", salt)))
-    return int(value)
+    wal = store_dir / f"{stem}.wal"
+    salt = decode_file_header(wal.read_bytes()[:FILE_HEADER_SIZE])
+    st = _shm.read_state(str(wal), salt, wal.stat().st_size)
+    assert st is not None, "the shared state is unreadable"
+    return st.durable_end
 
 
 def present_ops(doc: dict[str, Any]) -> list[tuple[int, int]]:

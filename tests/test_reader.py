@@ -178,15 +178,24 @@ def test_skippable_type_is_yielded_and_scan_goes_on(tmp_path: Path) -> None:
 
 
 def test_huge_length_field_is_not_allocated(tmp_path: Path) -> None:
-    """A length field over MAX_RECORD_PAYLOAD is damage (torn here, as the last record), and the
-    reader never tries to read that many bytes."""
+    """A length field over MAX_RECORD_PAYLOAD, even with a header checksum that matches it, is
+    damage (torn here, as the last record), and the reader never tries to read that many bytes."""
+    import struct
+    import zlib
+
+    from walspan import _format
+
     p = three(tmp_path)
     offs = record_offsets(p)
+    keys = _format.wal_keys(SALT)
+    head = bytearray(p.read_bytes()[offs[2][0] : offs[2][0] + 28])
+    struct.pack_into("<I", head, 4, 0x7FFFFFFF)
+    struct.pack_into("<I", head, 24, zlib.crc32(bytes(head[:24]), keys.seed))
     with open(p, "r+b") as f:
-        f.seek(offs[2][0] + 4)
-        f.write(b"\xff\xff\xff\x7f")
+        f.seek(offs[2][0])
+        f.write(head)
     recs, st = scan(p)
-    assert len(recs) == 2 and st.torn_offset == offs[2][0] and "exceeds" in st.torn_reason
+    assert len(recs) == 2 and st.torn_offset == offs[2][0] and "header" in st.torn_reason
 
 
 @pytest.mark.parametrize("fill", [b"\x00", b"\xff", b"garbage!"])
@@ -273,6 +282,8 @@ def test_torn_tail_at_every_offset(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     for n in range(len(data) + 1):
         if shm.exists():
             shm.unlink()
+        for evidence in d.glob("*.torn-*"):  # kept by the previous round's repair
+            evidence.unlink()
         fd = os.open(w, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             os.pwrite(fd, data[:n], 0)
@@ -326,20 +337,36 @@ def test_flip_before_last_record_never_alters_a_span(tmp_path: Path) -> None:
     s.close()
 
 
-def test_flip_in_non_durable_last_record_is_a_torn_tail(tmp_path: Path) -> None:
-    """A damaged last record of a WAL written with durability="process" (never fdatasync'ed)
-    is a torn tail: load() returns the trace without it, the next append truncates it."""
+def test_flip_in_last_record_is_a_torn_tail_only_where_nothing_vouches_for_it(tmp_path: Path) -> None:
+    """A damaged last record of a WAL written with durability="process" (never fdatasync'ed):
+    while the shared state of this kernel run vouches that the record was written whole, it is
+    corruption for every reader (load, open); in a copy of the WAL alone (nothing vouches for
+    it) it is a torn tail for every reader: load() returns the trace without it, and the next
+    append truncates it, keeping its bytes as evidence."""
     wal = _real_wal(tmp_path / "src", durability="process")
     recs = record_offsets(wal)
     expected = _fold_upto(wal, recs[-1][0])
     flip_byte(wal, recs[-1][0] + RECORD_HEADER_SIZE + 1)
     s = walspan.Store(tmp_path / "src", durability="process", install_hooks=False)
-    assert s.load(SID) == expected
-    t = s.open(SID)
-    t.close()
-    assert record_offsets(wal)[len(recs) - 1][:3] != recs[-1][:3]  # the damaged record is gone
-    assert _verify.verify_dir(str(tmp_path / "src")).ok
+    with pytest.raises(CorruptWALError) as ei:
+        s.load(SID)
+    assert ei.value.offset == recs[-1][0]
+    with pytest.raises(CorruptWALError) as ei:
+        s.open(SID)
+    assert ei.value.offset == recs[-1][0]
     s.close()
+
+    copy = copy_wal_alone(wal, tmp_path / "copy")
+    damaged = copy.read_bytes()
+    c = walspan.Store(tmp_path / "copy", durability="process", install_hooks=False)
+    assert c.load(SID) == expected
+    t = c.open(SID)
+    t.close()
+    assert record_offsets(copy)[len(recs) - 1][:3] != recs[-1][:3]  # the damaged record is gone
+    evidence = tmp_path / "copy" / f"{copy.name}.torn-{recs[-1][0]}"
+    assert evidence.read_bytes() == damaged[recs[-1][0] :]
+    assert _verify.verify_dir(str(tmp_path / "copy")).ok
+    c.close()
 
 
 def test_flip_in_durable_last_record_is_corruption_at_append_time(tmp_path: Path) -> None:
@@ -358,21 +385,30 @@ def test_flip_in_durable_last_record_is_corruption_at_append_time(tmp_path: Path
     s.close()
 
 
-def test_durable_region_cut_short_is_corruption_at_append_time(tmp_path: Path) -> None:
-    """A durable WAL that lost bytes below its durable end (file cut short after fdatasync)
-    is corruption: the next append raises CorruptWALError and does not truncate."""
+def test_log_cut_below_what_the_shared_state_vouched_for_gets_one_verdict(tmp_path: Path) -> None:
+    """A WAL cut short below the end its shared state recorded (cut by hand, restored from an
+    older copy) contradicts that state, so the state is not trusted (the log is the truth):
+    every reader judges the log alone, and they agree. Here the cut falls inside the last
+    record: load() and verify see a torn tail, the next append truncates it (keeping the cut
+    record's bytes as evidence) and goes on; nothing is stuck."""
     s = walspan.Store(tmp_path, install_hooks=False)
     t = s.open(SID)
     t.start_span("a").end()
     wal = Path(s.wal_path(SID))
+    recs = record_offsets(wal)
     truncate(wal, wal.stat().st_size - 3)
     cut = wal.read_bytes()
-    with pytest.raises(CorruptWALError, match="durable"):
-        t.start_span("b")
-    assert wal.read_bytes() == cut
-    with pytest.raises(CorruptWALError):  # detaching is an append too: refused the same way
-        s.close()
-    assert wal.read_bytes() == cut
+    fresh = walspan.Store(tmp_path, install_hooks=False)
+    doc = fresh.load(SID)
+    assert [sp["name"] for sp in doc["spans"]] == ["a"] and doc["spans"][0]["status"] == "open"
+    report = _verify.verify_dir(str(tmp_path))
+    assert report.ok and "torn tail" in report.files[0].notes[0]
+    t.start_span("b").end()
+    assert (tmp_path / f"{wal.name}.torn-{recs[-1][0]}").read_bytes() == cut[recs[-1][0] :]
+    s.close()
+    names = [sp["name"] for sp in fresh.load(SID)["spans"]]
+    assert names == ["a", "b"]
+    assert _verify.verify_dir(str(tmp_path)).ok
 
 
 @pytest.mark.parametrize("fill", [b"\x00", b"\xa5", None])
@@ -396,15 +432,14 @@ def test_garbage_sectors_at_end_through_the_api(tmp_path: Path, fill: bytes | No
 
 
 def test_nonzero_record_flags_refused(tmp_path: Path) -> None:
-    """A record whose reserved flags field is not 0 (with a checksum that covers it, so not
+    """A record whose reserved flags field is not 0 (with checksums that cover it, so not
     damage) is refused as CorruptWALError: this reader cannot know what the flag means."""
     import struct
 
-    from walspan._format import RECORD_HEADER, record_crc
+    from walspan._format import encode_record
 
-    body = payload(2)
     good = build_wal(SALT, [(META, 1, payload(1))])
-    rec = RECORD_HEADER.pack(record_crc(SALT, META, 1, 2, len(body), body), len(body), META, 1, 2) + body
+    rec = encode_record(SALT, META, 2, payload(2), flags=1)
     p = tmp_path / "flags.wal"
     p.write_bytes(good + rec)
     with pytest.raises(CorruptWALError, match="flags") as ei:

@@ -52,9 +52,11 @@ def test_repair_keeps_the_prefix_and_moves_the_damaged_rest_aside(tmp_path: Path
     with pytest.raises(walspan.CorruptWALError) as info:
         store.load("s")
     assert info.value.offset == bad
-    offset, moved, copy = store.repair("s")  # type: ignore[misc]
-    assert offset == bad and moved == len(before) - bad
-    assert copy == Path(f"{wal}.broken-{bad}") and copy.read_bytes() == before[bad:]
+    result = store.repair("s")
+    assert result is not None and result.action == "cut"
+    assert result.offset == bad and result.moved == len(before) - bad
+    copy = Path(f"{wal}.broken-{bad}")
+    assert result.evidence == str(copy) and copy.read_bytes() == before[bad:]
     assert wal.read_bytes() == before[:bad]
     doc = store.load("s")
     assert [s["name"] for s in doc["spans"]] == [f"span{i}" for i in range(5)]
@@ -66,31 +68,96 @@ def test_repair_keeps_the_prefix_and_moves_the_damaged_rest_aside(tmp_path: Path
 
 
 def test_repair_of_a_sound_wal_changes_nothing(tmp_path: Path) -> None:
-    """repair() of a WAL without corruption returns None and leaves every byte as it was (a torn
-    tail is not corruption: appends and recover() handle it)."""
+    """repair() of a sound WAL returns None and leaves every byte as it was."""
+    store = walspan.Store(tmp_path / "d", install_hooks=False)
+    t = store.open("s")
+    t.start_span("x").end()
+    t.close()
+    before = store.wal_path("s").read_bytes()
+    assert store.repair("s") is None
+    assert store.wal_path("s").read_bytes() == before
+    assert not [n for n in os.listdir(tmp_path / "d") if ".broken-" in n or ".torn-" in n]
+
+
+def test_repair_truncates_a_torn_tail_keeping_its_bytes(tmp_path: Path) -> None:
+    """A torn tail is what appends and recover() truncate; repair() does the same when asked
+    (so `repair` answers every state a reader reports), keeping the bytes as evidence."""
     store = walspan.Store(tmp_path / "d", install_hooks=False)
     t = store.open("s")
     t.start_span("x").end()
     t.close()
     before = store.wal_path("s").read_bytes()
     with open(store.wal_path("s"), "ab") as f:
-        f.write(b"\x07" * 9)  # a torn tail
-    assert store.repair("s") is None
-    assert store.wal_path("s").read_bytes() == before + b"\x07" * 9
-    assert not [n for n in os.listdir(tmp_path / "d") if ".broken-" in n]
+        f.write(b"\x07" * 9)
+    result = store.repair("s")
+    assert result is not None and result.action == "torn_tail" and result.offset == len(before)
+    assert store.wal_path("s").read_bytes() == before
+    assert Path(f"{store.wal_path('s')}.torn-{len(before)}").read_bytes() == b"\x07" * 9
 
 
-def test_repair_refuses_a_damaged_trace_start(tmp_path: Path) -> None:
-    """Damage in the trace start record leaves nothing worth keeping: repair() refuses with
-    CorruptWALError and changes no byte."""
+def test_second_repair_at_the_same_offset_never_overwrites_evidence(tmp_path: Path) -> None:
+    """Two damages cut at the same offset, one after the other: the second copy gets a name of
+    its own, and the first copy's bytes are still there (evidence is never overwritten)."""
+    store, wal, bad = damaged_store(tmp_path)
+    first_tail = wal.read_bytes()[bad:]
+    first = store.repair("s")
+    assert first is not None and first.evidence == f"{wal}.broken-{bad}"
+    t = store.open("s")
+    for i in range(3):
+        t.start_span(f"again{i}").end()
+    t.close()
+    with open(wal, "r+b") as f:  # the record now at the same offset, damaged the same way
+        f.seek(bad + RECORD_HEADER_SIZE + 3)
+        byte = f.read(1)
+        f.seek(bad + RECORD_HEADER_SIZE + 3)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    second_tail = wal.read_bytes()[bad:]
+    second = store.repair("s")
+    assert second is not None and second.offset == bad
+    assert second.evidence == f"{wal}.broken-{bad}.1"
+    assert Path(first.evidence).read_bytes() == first_tail
+    assert Path(second.evidence).read_bytes() == second_tail
+
+
+@pytest.mark.parametrize("where", ["file-header", "trace-start"])
+def test_repair_sets_a_wal_with_nothing_to_keep_aside_whole(tmp_path: Path, where: str) -> None:
+    """Damage in the file header or the trace start record leaves nothing before it to keep:
+    open() refuses the WAL, and repair() -- the way out -- moves the whole file, unchanged, to
+    <wal>.broken-0; the next open() starts the session afresh."""
     store = walspan.Store(tmp_path / "d", install_hooks=False)
     store.open("s").close()
     wal = store.wal_path("s")
     data = bytearray(wal.read_bytes())
-    data[FILE_HEADER_SIZE + RECORD_HEADER_SIZE + 1] ^= 0xFF
+    data[16 if where == "file-header" else FILE_HEADER_SIZE + RECORD_HEADER_SIZE + 1] ^= 0xFF
     wal.write_bytes(bytes(data))
     with pytest.raises(walspan.CorruptWALError):
-        store.repair("s")
+        store.open("s")
+    result = store.repair("s")
+    assert result is not None and result.action == "set_aside" and result.offset == 0
+    assert Path(f"{wal}.broken-0").read_bytes() == bytes(data)
+    assert not wal.exists()
+    t = store.open("s")
+    t.start_span("fresh").end()
+    t.close()
+    assert [s["name"] for s in store.load("s")["spans"]] == ["fresh"]
+
+
+def test_repair_refuses_a_wal_of_another_format_version(tmp_path: Path) -> None:
+    """A WAL of format 1 (walspan 0.1) is not damage: every reader refuses it with a message
+    naming the version, and repair() leaves it alone."""
+    import struct
+    import zlib
+
+    store = walspan.Store(tmp_path / "d", install_hooks=False)
+    store.open("s").close()
+    wal = store.wal_path("s")
+    data = bytearray(wal.read_bytes())
+    struct.pack_into("<H", data, 8, 1)
+    struct.pack_into("<I", data, 24, zlib.crc32(bytes(data[:24])))
+    wal.write_bytes(bytes(data))
+    for call in (lambda: store.load("s"), lambda: store.open("s"), lambda: store.repair("s")):
+        with pytest.raises(walspan.UnsupportedFormatError, match="version 1"):
+            call()
     assert wal.read_bytes() == bytes(data)
 
 

@@ -8,7 +8,15 @@ from ._store import Store
 from ._trace import ENV_VAR, Span, Trace, attach_from_env, current_span
 from ._values import TRUNCATION_MARKER
 from ._verify import FileCheck, VerifyReport
-from .errors import CorruptWALError, DurabilityError, SessionNotFoundError, TraceClosedError, WalspanError
+from ._wal import Repair
+from .errors import (
+    CorruptWALError,
+    DurabilityError,
+    SessionNotFoundError,
+    TraceClosedError,
+    UnsupportedFormatError,
+    WalspanError,
+)
 
 __version__ = "0.1.0"
 
@@ -20,11 +28,13 @@ __all__ = [
     "FileCheck",
     "RecoveryAction",
     "RecoveryReport",
+    "Repair",
     "SessionNotFoundError",
     "Span",
     "Store",
     "Trace",
     "TraceClosedError",
+    "UnsupportedFormatError",
     "VerifyReport",
     "WalspanError",
     "attach_from_env",

@@ -226,9 +226,18 @@ class Store:
             records = encode_record(salt, _T.TRACE_START, 1, pack_payload(first))
             records += encode_record(salt, _T.WRITER_ATTACH, 2, pack_payload(attach))
             created = create_wal(wal_path, salt, records)
+        already = session.attached_pid == os.getpid() or created
         h = self._acquire_handle(session.stem)
+        if not already and h.is_stale():
+            # The file was replaced, set aside or rewritten since this handle opened it: a
+            # cached handle must never append to a file that is no longer the session's WAL.
+            self._release_handle(h)
+            with self._lock:
+                if self._handles.get(session.stem) is h:
+                    del self._handles[session.stem]
+                    self._retire(h)
+            h = self._acquire_handle(session.stem)
         try:
-            already = session.attached_pid == os.getpid() or created
             # the whole log is read for its writer records outside the lock; under it, the tail
             pre = None if already else h.prescan_writers()
             with h.locked() as wal:

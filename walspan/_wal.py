@@ -96,11 +96,13 @@ def keep_evidence(path: str, fd: int, offset: int, label: str) -> str:
     size = os.fstat(fd).st_size
     data = os.pread(fd, size - offset, offset)
     base = f"{path}.{label}-{offset}"
-    for n in range(1000):
+    n = 0
+    while True:
         copy = base if n == 0 else f"{base}.{n}"
-        if _fsutil.create_exclusive(copy, data):
+        # the existence check only saves writing a copy in vain; create_exclusive decides
+        if not os.path.lexists(copy) and _fsutil.create_exclusive(copy, data):
             return copy
-    raise FileExistsError(errno.EEXIST, "too many evidence files", base)  # pragma: no cover
+        n += 1
 
 
 def _new_generation() -> int:
@@ -132,6 +134,8 @@ class WalHandle:
         self._shm: SharedState | None = None
         try:
             self.fd = self._open(self.path, os.O_RDWR)
+            st = os.fstat(self.fd)
+            self._identity = (st.st_dev, st.st_ino)
             self.salt = read_header(self.fd, self.path)
             self.keys = wal_keys(self.salt)
             idir = internal_dir(store_dir)
@@ -152,6 +156,18 @@ class WalHandle:
     def shm(self) -> SharedState:
         assert self._shm is not None
         return self._shm
+
+    def is_stale(self) -> bool:
+        """Whether the session's WAL is no longer the file this handle opened (replaced, set
+        aside), or no longer the same log (another header). A damaged header raises
+        CorruptWALError, as for every reader."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        if (st.st_dev, st.st_ino) != self._identity:
+            return True
+        return read_header(self.fd, self.path) != self.salt
 
     def _durable_end(self) -> int:
         return self.shm.durable_end()
@@ -221,12 +237,13 @@ class WalHandle:
 
     def _truncate_locked(self, offset: int, last_seq: int, term: int, durable: int, gen: int, failed: int) -> State:
         """Under the append lock: cut the log at `offset` (a record boundary), durably, before
-        anything is appended after it. The shared state is lowered first, and made durable:
-        no later run of the kernel may see a durable_end above the cut log. cut_gen changes,
+        anything is appended after it. The shared state is lowered first, and made durable if
+        durable_end went down: no later run of the kernel may see a durable_end above the cut log. cut_gen changes,
         so a flush that read its target before the cut cannot raise durable_end over it."""
         new = State(offset, last_seq, term if term < offset else 0, min(durable, offset), gen + 1, failed, True)
         self.shm.store(*new[:6])
-        self.shm.persist()
+        if durable > offset:  # lowered: a stale copy on disk would now be too high
+            self.shm.persist()
         _fsutil.truncate(self.fd, offset, self.path)
         try:
             self._sync()
