@@ -183,6 +183,11 @@ class Trace:
             return parent
         raise TypeError(f"parent must be a Span, a 16-hex-digit span id or None, not {parent!r}")
 
+    def _write_span_record(self, rtype: int, payload: dict[str, Any]) -> None:
+        """Append a span record built elsewhere in walspan (the OpenTelemetry processor), its
+        values already checked; acknowledged like every append."""
+        self._store._append(self._session, rtype, payload)
+
     # -- trace-level records --------------------------------------------------------------
 
     def set_metadata(self, metadata: dict[str, Any] | None = None, /, **fields: Any) -> None:
