@@ -115,13 +115,13 @@ def test_processes_of_one_program_write_one_trace_one_killed(tmp_path: Path) -> 
     root_id = format(root.get_span_context().span_id, "016x")
     trace_id = format(root.get_span_context().trace_id, "032x")
     results = []
-    for i, how in enumerate(["sigkill", "finish", "finish"]):
+    for how in ["sigkill", "finish", "finish"]:
         env = _env(TRACEPARENT=carrier["traceparent"])
         args = [sys.executable, CHILD, "wal", "wait" if how == "sigkill" else "finish", "20", str(directory)]
         p = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
         assert p.stdout is not None
         assert p.stdout.readline().strip() == trace_id
-        lines = [line.strip() for line in p.stdout]  if how == "finish" else []
+        lines = [line.strip() for line in p.stdout] if how == "finish" else []
         if how == "sigkill":
             for line in p.stdout:
                 lines.append(line.strip())
