@@ -5,7 +5,17 @@ The WAL is the truth; the JSON trace is a view. See README.md and docs/FORMAT.md
 
 from ._recovery import RecoveryAction, RecoveryReport
 from ._store import Store
-from ._trace import ENV_VAR, Span, Trace, attach_from_env, current_span
+from ._trace import (
+    ENV_VAR,
+    Span,
+    SpanScope,
+    Trace,
+    attach_from_env,
+    current_span,
+    get_current_span,
+    set_default_trace,
+    traced,
+)
 from ._values import TRUNCATION_MARKER
 from ._verify import FileCheck, VerifyReport
 from ._wal import Repair
@@ -31,6 +41,7 @@ __all__ = [
     "Repair",
     "SessionNotFoundError",
     "Span",
+    "SpanScope",
     "Store",
     "Trace",
     "TraceClosedError",
@@ -39,5 +50,8 @@ __all__ = [
     "WalspanError",
     "attach_from_env",
     "current_span",
+    "get_current_span",
+    "set_default_trace",
+    "traced",
     "__version__",
 ]

@@ -11,7 +11,11 @@ Rules beyond the obvious ones (docs/FORMAT.md, "Fold"):
 - WRITER_LOST (appended by recovery for a dead writer while others live) closes that
   writer's open spans the same way;
 - a second SPAN_START with a known id, or an end of an already ended span, is ignored
-  (first wins); records about an unknown span are counted in `anomalies`.
+  (first wins); records about an unknown span are counted in `anomalies`;
+- the optional keys of docs/FORMAT.md (explicit times, a span's own trace id, links, dropped
+  counts, resource, scope, the end-time snapshot of attributes and events) appear in a span
+  only when a record carried them, so records written before they existed fold to the same
+  bytes as before.
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ SPAN_OPEN = "open"
 SPAN_INTERRUPTED = "interrupted"
 RUNNING = "running"
 TERMINAL_STATUSES = ("completed", "error", "crashed")
+#: SPAN_START keys copied into the span as they are, when present (docs/FORMAT.md).
+START_EXTRAS = ("trace_id", "trace_state", "flags", "parent_remote", "links", "dropped", "resource", "scope")
+#: SPAN_END keys that replace the span's value when present: the span as it was at its end.
+END_SNAPSHOT = ("name", "attributes", "links", "dropped")
 
 _T = RecordType
 
@@ -129,7 +137,7 @@ class TraceFold:
             "parent_span_id": p.get("parent"),
             "name": p.get("name"),
             "kind": p.get("kind"),
-            "start_time": p.get("time"),
+            "start_time": p.get("start_time", p.get("time")),
             "end_time": None,
             "status": SPAN_OPEN,
             "status_message": None,
@@ -139,6 +147,10 @@ class TraceFold:
             "output": None,
             "writer_id": writer,
         }
+        span = self.spans[sid]
+        for key in START_EXTRAS:
+            if key in p:
+                span[key] = p[key]
         self.open_spans.setdefault(writer or "", set()).add(sid)
 
     def _span_attributes(self, p: dict[str, Any]) -> None:
@@ -147,13 +159,15 @@ class TraceFold:
             self.anomalies += 1
             return
         span["attributes"].update(p.get("attributes") or {})
+        if "name" in p:  # a rename (Span.update_name)
+            span["name"] = p["name"]
 
     def _span_event(self, p: dict[str, Any]) -> None:
         span = self.spans.get(p["span_id"])
         if span is None:
             self.anomalies += 1
             return
-        span["events"].append({"name": p.get("name"), "time": p.get("time"), "attributes": p.get("attributes") or {}})
+        span["events"].append(_event(p, p.get("event_time", p.get("time"))))
 
     def _span_end(self, p: dict[str, Any]) -> None:
         span = self.spans.get(p["span_id"])
@@ -162,11 +176,16 @@ class TraceFold:
             return
         if span["end_time"] is not None:
             return  # first end wins
-        span["end_time"] = p.get("time")
+        span["end_time"] = p.get("end_time", p.get("time"))
         span["status"] = p.get("status") or "ok"
         span["status_message"] = p.get("message")
         if "output" in p:
             span["output"] = p["output"]
+        for key in END_SNAPSHOT:
+            if key in p:
+                span[key] = p[key]
+        if "events" in p:
+            span["events"] = [_event(e, e.get("time")) for e in p["events"]]
         self.open_spans.get(span["writer_id"] or "", set()).discard(span["span_id"])
 
     def _metadata(self, p: dict[str, Any]) -> None:
@@ -246,6 +265,13 @@ class TraceFold:
         f.offset, f.seq, f.wal_id = int(wal["offset"]), int(wal["seq"]), str(wal["id"])
         f.last_record, f.last_crc = int(wal["last_record"]), int(wal["last_crc"])
         return f
+
+
+def _event(p: dict[str, Any], when: Any) -> dict[str, Any]:
+    event = {"name": p.get("name"), "time": when, "attributes": p.get("attributes") or {}}
+    if "dropped" in p:  # attributes the SDK's limits dropped
+        event["dropped"] = p["dropped"]
+    return event
 
 
 def dumps(trace: dict[str, Any]) -> bytes:

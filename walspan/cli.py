@@ -237,6 +237,20 @@ def cmd_recover(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    store = _store(args.dir)
+    data = export(store, args.session, args.format, include_io=args.include_io)
+    if args.output in (None, "-"):
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    else:
+        with open(args.output, "wb") as f:
+            f.write(data)
+    return 0
+
+
 # -- entry point ----------------------------------------------------------------------------
 
 
@@ -285,6 +299,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dir")
     s.set_defaults(func=cmd_recover)
 
+    s = sub.add_parser("export", help="write one trace as OTLP/JSON, OTLP protobuf, Perfetto JSON or JSON Lines")
+    s.add_argument("dir")
+    s.add_argument("session")
+    s.add_argument("--format", required=True, choices=["otlp-json", "otlp-proto", "perfetto", "jsonl"])
+    s.add_argument("-o", "--output", metavar="FILE", help="write here instead of standard output")
+    s.add_argument(
+        "--include-io", action="store_true", help="OTLP: span inputs/outputs as GenAI prompt and completion attributes"
+    )
+    s.set_defaults(func=cmd_export)
+
     register_stress(sub)
     return p
 
@@ -316,7 +340,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except UsageError as exc:
         print(f"walspan: error: {exc}", file=sys.stderr)
         return 2
-    except (WalspanError, LookupError, ValueError) as exc:
+    except (WalspanError, LookupError, ValueError, ImportError) as exc:
         print(f"walspan: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
