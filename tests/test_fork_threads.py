@@ -4,13 +4,19 @@ as a user's program would."""
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from crashkit import ForkWriter, events_by_writer, run_file, run_script, wal_records
 
 import walspan
+from walspan._format import RecordType as _T
+from walspan._format import unpack_payload
+from walspan._reader import ScanState, iter_records, read_header
 
 POOL_SCRIPT = """
 import multiprocessing as mp, os, sys
@@ -174,7 +180,9 @@ t.end()
 def test_many_threads_log_into_one_trace(tmp_path: Path) -> None:
     """16 threads of one process, each with its own nested spans (`with trace.span`), log into
     one trace concurrently: every span and event is present once, each thread's spans nest
-    under that thread's own root (contextvars), sequence numbers are gapless."""
+    under that thread's own root (contextvars); in the raw records, seqs are 1..N exactly once
+    and each thread's records are complete and in the order that thread made them."""
+    N = 100  # children per thread: enough appends for threads to really interleave
     store = walspan.Store(tmp_path, durability="process", install_hooks=False)
     trace = store.open("threads")
     start = threading.Barrier(16)
@@ -184,7 +192,7 @@ def test_many_threads_log_into_one_trace(tmp_path: Path) -> None:
         try:
             start.wait(60)
             with trace.span(f"root {n}") as root:
-                for i in range(20):
+                for i in range(N):
                     with trace.span(f"child {n}.{i}") as child:
                         child.add_event("e", {"w": n, "i": i})
                 assert walspan.current_span.get() is root
@@ -192,24 +200,68 @@ def test_many_threads_log_into_one_trace(tmp_path: Path) -> None:
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(n,)) for n in range(16)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(120)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: races show up, not hide
+    try:
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(120)
+    finally:
+        sys.setswitchinterval(interval)
     assert errors == []
     trace.end()
     t = store.load("threads")
     store.close()
-    assert events_by_writer(t) == {n: list(range(20)) for n in range(16)}
+    assert events_by_writer(t) == {n: list(range(N)) for n in range(16)}
     by_id = {s["span_id"]: s for s in t["spans"]}
     for s in t["spans"]:
         if s["name"].startswith("child "):
             n = s["name"].split()[1].split(".")[0]
             assert by_id[s["parent_span_id"]]["name"] == f"root {n}"
         assert s["status"] == "ok"
-    assert len(t["spans"]) == 16 * 21 and t["anomalies"] == 0
-    seqs = [i for i, _ in enumerate(wal_records(store.wal_path("threads")), 1)]
-    assert t["wal"]["seq"] == len(seqs)
+    assert len(t["spans"]) == 16 * (N + 1) and t["anomalies"] == 0
+    # From the raw records, not the fold: seqs are 1..N, each once, in file order; each thread's
+    # records are exactly what it did, in the order it did it.
+    records = _raw_records(store.wal_path("threads"))
+    assert [seq for seq, _t, _p in records] == list(range(1, len(records) + 1))
+    assert t["wal"]["seq"] == len(records)
+    assert [rt for _s, rt, _p in records[:2]] == [_T.TRACE_START, _T.WRITER_ATTACH]
+    assert records[-1][1] == _T.TERMINAL and [rt for _s, rt, _p in records].count(_T.TERMINAL) == 1
+    names: dict[str, str] = {}
+    per_thread: dict[str, list[str]] = {}
+    for _seq, rtype, payload in records[2:-1]:
+        if rtype == _T.SPAN_START:
+            names[payload["span_id"]] = payload["name"]
+            step = f"start {payload['name']}"
+        elif rtype == _T.SPAN_EVENT:
+            step = f"event {payload['attributes']['w']}.{payload['attributes']['i']}"
+        else:
+            assert rtype == _T.SPAN_END, rtype
+            step = f"end {names[payload['span_id']]}"
+        thread = step.split()[-1].split(".")[0]
+        per_thread.setdefault(thread, []).append(step)
+    expected = {
+        str(n): [f"start root {n}"]
+        + [step for i in range(N) for step in (f"start child {n}.{i}", f"event {n}.{i}", f"end child {n}.{i}")]
+        + [f"end root {n}"]
+        for n in range(16)
+    }
+    assert per_thread == expected
+
+
+def _raw_records(wal_path: Path) -> list[tuple[int, int, dict[str, Any]]]:
+    """(seq, type, payload) of every record of the WAL, as the reader yields them."""
+    fd = os.open(wal_path, os.O_RDONLY)
+    try:
+        salt = read_header(fd, os.fspath(wal_path))
+        return [
+            (seq, rtype, unpack_payload(payload))
+            for _off, rtype, seq, payload in iter_records(fd, ScanState(os.fspath(wal_path)), salt=salt)
+            if payload is not None
+        ]
+    finally:
+        os.close(fd)
 
 
 def test_threads_opening_the_same_session_concurrently_create_one_trace(

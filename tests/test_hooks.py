@@ -8,10 +8,14 @@ prints "ready" once it has attached); nothing sleeps.
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
-from crashkit import expect_line, read_json, run_script, spawn_script, terminal_records
+from crashkit import expect_line, read_json, run_script, script_env, spawn_script, terminal_records
 
 import walspan
 
@@ -118,28 +122,235 @@ print("not reached", flush=True)
     assert read_json(s, "s") == t
 
 
-def test_sigint_marks_crashed_then_keyboardinterrupt_runs(tmp_path: Path) -> None:
-    """SIGINT: the trace is marked crashed ("killed by SIGINT"), then Python's own handler
-    raises KeyboardInterrupt as before (the program may catch it)."""
+def _spawn_file(tmp_path: Path, code: str, *args: str) -> subprocess.Popen[str]:
+    """Like spawn_script, but the code runs as a script file (`python file.py`), not `-c`."""
+    script = tmp_path / "program.py"
+    script.write_text(textwrap.dedent(code))
+    return subprocess.Popen(
+        [sys.executable, str(script), *args],
+        env=script_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _events(trace: dict[str, Any]) -> list[int]:
+    return [e["attributes"]["i"] for sp in trace["spans"] for e in sp["events"]]
+
+
+def test_caught_ctrl_c_carries_on_and_the_trace_completes(tmp_path: Path) -> None:
+    """A program that catches KeyboardInterrupt and carries on (a REPL, an agent loop) keeps
+    its trace: SIGINT does not end it. Three Ctrl-Cs while the program waits for input, and one
+    that lands inside an append (the append finishes first, then KeyboardInterrupt is raised
+    as it returns), are each caught; every event written after them is kept, in order, once,
+    and the trace ends `completed` by the program's own end()."""
+    proc = spawn_script(
+        PRE
+        + """
+from walspan import _fsutil
+store = walspan.Store(d)
+t = store.open("s")
+n = 0
+def burst(k):
+    global n
+    with t.span(f"after interrupt {k}") as span:
+        for _ in range(100):
+            span.add_event("e", {"i": n}); n += 1
+for k in range(3):
+    try:
+        print("ready", k, flush=True)
+        sys.stdin.readline()
+        print("no interrupt", flush=True)
+    except KeyboardInterrupt:
+        print("caught", k, flush=True)
+    burst(k)
+span = t.start_span("interrupted inside an append")
+armed = [1]
+def hook(op, path):
+    if op == "write" and path.endswith(".wal") and armed:
+        armed.clear()
+        os.kill(os.getpid(), signal.SIGINT)  # arrives inside the append, holding its lock
+_fsutil.faults.hook = hook
+try:
+    span.add_event("e", {"i": n})
+    print("not interrupted", flush=True)
+except KeyboardInterrupt:
+    print("caught inside", flush=True)
+n += 1
+_fsutil.faults.hook = None
+span.end()
+burst(3)
+t.end()
+print("ended", n, flush=True)
+""",
+        str(tmp_path),
+    )
+    for k in range(3):
+        expect_line(proc, f"ready {k}")
+        proc.send_signal(signal.SIGINT)
+        assert expect_line(proc, f"caught {k}") == f"caught {k}"
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, (out, err)
+    assert "caught inside" in out and "ended 401" in out, out
+    s = _store(tmp_path)
+    t = s.load("s")
+    assert (t["status"], t["status_message"]) == ("completed", None)
+    assert _events(t) == list(range(401))  # every event, in order, exactly once
+    assert all(sp["status"] == "ok" for sp in t["spans"])
+    assert [w["state"] for w in t["writers"]] == ["attached"]  # end() closes; nothing crashed it
+    assert read_json(s, "s") == t
+
+
+@pytest.mark.parametrize("how", ["-c", "script", "own excepthook"])
+def test_uncaught_keyboardinterrupt_marks_crashed_as_the_process_ends(tmp_path: Path, how: str) -> None:
+    """Ctrl-C that the program does not catch ends the process: the traces are marked
+    `crashed` ("interrupted: uncaught KeyboardInterrupt"), the open span interrupted, the
+    traceback still printed and the process still dies by SIGINT, whether the code runs from
+    -c or as a script file, and even when the program replaced sys.excepthook after walspan."""
+    code = (
+        PRE
+        + """
+t = walspan.Store(d).open("s")
+t.start_span("long tool call")
+if sys.argv[2] == "own excepthook":
+    def quiet(tp, exc, tb):
+        print("own hook", tp.__name__, flush=True)
+    sys.excepthook = quiet
+print("ready", flush=True)
+sys.stdin.read()
+print("not reached", flush=True)
+"""
+    )
+    proc = _spawn_file(tmp_path, code, str(tmp_path), how) if how == "script" else spawn_script(code, str(tmp_path), how)
+    expect_line(proc, "ready")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGINT, (out, err)
+    assert "not reached" not in out
+    if how == "own excepthook":
+        assert "own hook KeyboardInterrupt" in out
+    else:
+        assert "KeyboardInterrupt" in err
+    s = _store(tmp_path)
+    t = s.load("s")
+    assert (t["status"], t["status_message"]) == ("crashed", "interrupted: uncaught KeyboardInterrupt")
+    assert t["spans"][0]["status"] == "interrupted"
+    assert [p["status"] for p in terminal_records(s.wal_path("s"))] == ["crashed"]
+    assert read_json(s, "s") == t
+
+
+def test_uncaught_interrupt_marks_crashed_only_after_the_threads_are_done(tmp_path: Path) -> None:
+    """The main thread's uncaught KeyboardInterrupt does not end the process while a
+    non-daemon thread still runs: that thread keeps logging (every event it writes after the
+    interrupt is kept and its span ends `ok`); the trace is marked crashed at exit."""
     proc = spawn_script(
         PRE
         + """
 t = walspan.Store(d).open("s")
-try:
-    print("ready", flush=True)
-    sys.stdin.read()
-except KeyboardInterrupt:
-    print("caught KeyboardInterrupt", flush=True)
+def worker():
+    sys.stdin.readline()  # the test writes a line once the main thread was interrupted
+    with t.span("worker") as span:
+        for i in range(200):
+            span.add_event("e", {"i": i})
+    print("worker done", flush=True)
+threading.Thread(target=worker).start()
+r, _w = os.pipe()
+print("ready", flush=True)
+os.read(r, 1)  # nobody writes: blocks until SIGINT
 """,
         str(tmp_path),
     )
     expect_line(proc, "ready")
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    assert proc.stderr is not None
+    for line in proc.stderr:  # the main thread's traceback ends with this line
+        if line.strip() == "KeyboardInterrupt":
+            break
+    out, err = proc.communicate("go\n", timeout=60)
+    assert proc.returncode == -signal.SIGINT, (out, err)
+    assert "worker done" in out
+    t = _store(tmp_path).load("s")
+    assert (t["status"], t["status_message"]) == ("crashed", "interrupted: uncaught KeyboardInterrupt")
+    assert _events(t) == list(range(200))
+    assert t["spans"][0]["status"] == "ok"
+
+
+def test_sigint_runs_the_programs_own_handler_and_the_trace_goes_on(tmp_path: Path) -> None:
+    """A SIGINT handler the program installed before walspan still gets SIGINT (walspan chains
+    to it) and decides: here it counts the interrupt and the program carries on logging, then
+    ends the trace `completed`. walspan marks nothing crashed on the way."""
+    proc = spawn_script(
+        PRE
+        + """
+seen = []
+def own(signum, frame):
+    seen.append(signum)
+    print("own handler ran", flush=True)
+signal.signal(signal.SIGINT, own)
+t = walspan.Store(d).open("s")
+print("ready", signal.getsignal(signal.SIGINT) is not own, flush=True)
+sys.stdin.readline()
+with t.span("after the interrupt") as span:
+    for i in range(100):
+        span.add_event("e", {"i": i})
+t.end()
+print("ended", seen, flush=True)
+""",
+        str(tmp_path),
+    )
+    assert expect_line(proc, "ready") == "ready True"  # walspan's handler is in front
+    proc.send_signal(signal.SIGINT)
+    expect_line(proc, "own handler ran")
+    out, err = proc.communicate("go\n", timeout=60)
     assert proc.returncode == 0, (out, err)
-    assert "caught KeyboardInterrupt" in out
+    assert f"ended [{int(signal.SIGINT)}]" in out
+    t = _store(tmp_path).load("s")
+    assert (t["status"], t["status_message"]) == ("completed", None)
+    assert _events(t) == list(range(100))
+
+
+def test_sigint_with_the_default_action_marks_crashed_then_kills(tmp_path: Path) -> None:
+    """A program that gave SIGINT its default action (the kernel kills it, no exception is
+    raised) is treated like SIGTERM: traces marked crashed naming the signal, then death by it."""
+    proc = spawn_script(
+        PRE
+        + """
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+t = walspan.Store(d).open("s")
+print("ready", flush=True)
+sys.stdin.read()
+""",
+        str(tmp_path),
+    )
+    expect_line(proc, "ready")
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGINT
     t = _store(tmp_path).load("s")
     assert (t["status"], t["status_message"]) == ("crashed", "killed by SIGINT")
+
+
+def test_interrupted_command_in_the_interactive_interpreter_does_not_crash_the_trace(tmp_path: Path) -> None:
+    """The interactive interpreter survives a KeyboardInterrupt in a command (it shows it and
+    prompts again), so walspan does not end the trace for it, even though the exception
+    reached sys.excepthook and was the last one shown when the interpreter later exits
+    normally: the events logged after it are kept and the writer is detached, not crashed."""
+    proc = subprocess.run(
+        [sys.executable, "-i", "-c", PRE + 't = walspan.Store(d).open("s")', str(tmp_path)],
+        input='raise KeyboardInterrupt\nt.start_span("after").end()\nraise KeyboardInterrupt\nprint("bye")\n',
+        env=script_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("KeyboardInterrupt") == 2
+    t = _store(tmp_path).load("s")
+    assert t["status"] == "running"
+    assert [sp["name"] for sp in t["spans"]] == ["after"]
+    assert [w["state"] for w in t["writers"]] == ["detached"]
 
 
 def test_signal_hooks_chain_to_a_previous_python_handler(tmp_path: Path) -> None:

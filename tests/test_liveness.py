@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
+import time
 from pathlib import Path
+from typing import Any
 
 import psutil
+import pytest
+import walfiles
 from crashkit import ForkWriter, attach_records, expect_line, spawn_script
 
 import walspan
 from walspan import _liveness
+from walspan._format import RecordType, pack_payload
+from walspan._names import encode_session_id
 from walspan._wal import internal_dir
 
 
@@ -69,27 +76,169 @@ def test_missing_lock_file_falls_back_to_pid_and_start_time(tmp_path: Path) -> N
     assert _liveness.writer_alive(internal, gone) is False
 
 
+def _unused_pid() -> int:
+    """A pid no process can have: Linux allocates pids below pid_max only."""
+    with open("/proc/sys/kernel/pid_max") as f:
+        pid = int(f.read())
+    assert not psutil.pid_exists(pid)
+    return pid
+
+
 def test_liveness_fails_closed_when_nothing_can_be_proven(tmp_path: Path) -> None:
     """Fail closed: a writer on another host, or with an unusable id / pid / start time, counts
-    as alive; a strange writer id is never turned into a path outside the writers directory."""
+    as alive. Each case differs in one field from a control record (this host, no lock file,
+    no such pid) that is provably dead, so each guard is what decides it."""
     internal = internal_dir(str(tmp_path))
-    base = {
+    dead = {
         "writer": "00000000000000bb",
-        "host": "some-other-host",
-        "pid": 1,
+        "host": _liveness.HOST,
+        "pid": _unused_pid(),
         "process_start": 1.0,
     }
-    assert _liveness.writer_alive(internal, base) is True
-    assert _liveness.writer_alive(internal, dict(base, writer="../../escape")) is True
-    assert _liveness.writer_alive(internal, dict(base, writer="")) is True
-    assert _liveness.writer_alive(internal, dict(base, host=_liveness.HOST, pid="1")) is True
-    assert (
-        _liveness.writer_alive(
-            internal,
-            dict(base, host=_liveness.HOST, pid=os.getpid(), process_start=None),
-        )
-        is True
+    assert _liveness.writer_alive(internal, dead) is False  # the control: death is proven
+    assert _liveness.writer_alive(internal, dict(dead, host="some-other-host")) is True
+    assert _liveness.writer_alive(internal, dict(dead, host=None)) is True
+    for wid in ("../../escape", "", "00000000000000b", "00000000000000bbb", "00000000000000BB", None, 7):
+        assert _liveness.writer_alive(internal, dict(dead, writer=wid)) is True, wid
+    for pid in (str(dead["pid"]), 0, -1, None):
+        assert _liveness.writer_alive(internal, dict(dead, pid=pid)) is True, pid
+    me = dict(dead, pid=os.getpid())
+    for start in (None, 0, "1.0"):
+        assert _liveness.writer_alive(internal, dict(me, process_start=start)) is True, start
+
+
+def _crafted_trace(store_dir: Path, session: str, attach: dict[str, Any]) -> Path:
+    """A WAL built byte by byte: TRACE_START, then one WRITER_ATTACH carrying `attach` as is
+    (whatever a file could say, not what walspan would write)."""
+    now = time.time_ns()
+    start = {"trace_id": "ab" * 16, "session_id": session, "metadata": {}, "time": now, "writer": attach["writer"]}
+    data = walfiles.build_wal(
+        0x5EED,
+        [
+            (RecordType.TRACE_START, 1, pack_payload(start)),
+            (RecordType.WRITER_ATTACH, 2, pack_payload(dict(attach, time=now))),
+        ],
     )
+    store_dir.mkdir(parents=True, exist_ok=True)
+    path = store_dir / (encode_session_id(session) + ".wal")
+    path.write_bytes(data)
+    return path
+
+
+def _lock_file(store_dir: Path, wid: str) -> Path:
+    wdir = Path(_liveness.writers_dir(internal_dir(str(store_dir))))
+    wdir.mkdir(parents=True, exist_ok=True)
+    path = wdir / (wid + ".live")
+    path.write_text("{}")
+    return path
+
+
+def test_the_lock_decides_even_when_the_pid_names_a_live_process_here(tmp_path: Path) -> None:
+    """Same host name, another pid namespace (a container): the attach record's pid and start
+    time match a live process here (this one), but the writer's lock file is free, so the
+    writer is dead, and recovery marks its trace crashed. The pid is never consulted while
+    the lock file exists."""
+    store_dir = tmp_path / "traces"
+    wid = "00000000000000c1"
+    me = psutil.Process()
+    _crafted_trace(store_dir, "s", {"writer": wid, "host": _liveness.HOST, "pid": me.pid, "process_start": me.create_time()})
+    lock = _lock_file(store_dir, wid)
+    internal = internal_dir(str(store_dir))
+    (rec,) = attach_records(store_dir / (encode_session_id("s") + ".wal"))
+    assert _liveness._pid_alive(rec) is True  # by pid, it would look alive
+    assert _liveness.writer_alive(internal, rec) is False
+    store = walspan.Store(store_dir, install_hooks=False)
+    try:
+        assert store.recover().crashed == ["s"]
+        assert store.load("s")["status"] == "crashed"
+        assert not lock.exists()  # the dead writer's lock file is swept
+    finally:
+        store.close()
+
+
+def test_the_lock_decides_even_when_the_pid_does_not_exist_here(tmp_path: Path) -> None:
+    """The other direction: a writer whose lock is held (alive, in another pid namespace) but
+    whose pid names no process here is alive; recovery leaves its trace running. Once the lock
+    is released (the writer died) the same record is proven dead."""
+    store_dir = tmp_path / "traces"
+    wid = "00000000000000c2"
+    _crafted_trace(store_dir, "s", {"writer": wid, "host": _liveness.HOST, "pid": _unused_pid(), "process_start": 1.0})
+    lock = _lock_file(store_dir, wid)
+    internal = internal_dir(str(store_dir))
+    (rec,) = attach_records(store_dir / (encode_session_id("s") + ".wal"))
+    assert _liveness._pid_alive(rec) is False  # by pid, it would look dead
+    store = walspan.Store(store_dir, install_hooks=False)
+    try:
+        with open(lock, "r+b") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)  # another open file description: conflicts like another process
+            assert _liveness.writer_alive(internal, rec) is True
+            assert store.recover().actions == []
+            assert store.load("s")["status"] == "running"
+        assert _liveness.writer_alive(internal, rec) is False
+        assert store.recover().crashed == ["s"]
+    finally:
+        store.close()
+
+
+def test_a_reused_pid_is_not_the_writer(tmp_path: Path) -> None:
+    """Without a lock file, a process with the writer's pid but another start time (the pid was
+    reused) does not keep the writer alive, even when the two starts are only 2 s apart; with
+    the same start time it does. Shown on writer_alive and through recover()."""
+    proc = spawn_script("import sys; print('up', flush=True); sys.stdin.read()")
+    try:
+        expect_line(proc, "up")
+        started = psutil.Process(proc.pid).create_time()
+        store_dir = tmp_path / "traces"
+        internal = internal_dir(str(store_dir))
+        for sid, wid, start in (("same", "00000000000000d1", started), ("reused", "00000000000000d2", started - 2.0)):
+            _crafted_trace(store_dir, sid, {"writer": wid, "host": _liveness.HOST, "pid": proc.pid, "process_start": start})
+        same = {"writer": "00000000000000d1", "host": _liveness.HOST, "pid": proc.pid, "process_start": started}
+        assert _liveness.writer_alive(internal, same) is True
+        for delta in (2.0, -2.0, 3600.0):
+            assert _liveness.writer_alive(internal, dict(same, process_start=started + delta)) is False, delta
+        store = walspan.Store(store_dir, install_hooks=False)
+        try:
+            assert store.recover().crashed == ["reused"]
+            assert store.load("same")["status"] == "running"
+        finally:
+            store.close()
+    finally:
+        proc.communicate("")
+
+
+CRAFTED_IDS = ("../../../outside", "../x", "/abs/outside", "00000000000000e1/../../../outside")
+
+
+@pytest.mark.parametrize("wid", CRAFTED_IDS)
+def test_a_crafted_writer_id_never_reaches_outside_the_writers_directory(tmp_path: Path, wid: str) -> None:
+    """A WAL whose attach record names a writer id shaped like a path cannot make liveness read,
+    or recovery unlink, a file outside .walspan/writers/: a free-locked sentinel sits exactly
+    where the id would resolve (`writers/<id>.live`), yet recovery proves nothing from it (the
+    trace stays running: fail closed) and leaves it in place, and so does the sweep of dead
+    lock files when asked for that id directly."""
+    store_dir = tmp_path / "traces"
+    internal = internal_dir(str(store_dir))
+    wdir = Path(_liveness.writers_dir(internal))
+    wdir.mkdir(parents=True)
+    if wid.startswith("/"):
+        wid = str(tmp_path / "abs-outside")
+    target = Path(os.path.normpath(os.path.join(wdir, wid + ".live")))
+    assert wdir not in target.parents
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("sentinel")
+    _crafted_trace(store_dir, "s", {"writer": wid, "host": _liveness.HOST, "pid": _unused_pid(), "process_start": 1.0})
+    (rec,) = attach_records(store_dir / (encode_session_id("s") + ".wal"))
+    assert rec["writer"] == wid
+    assert _liveness.writer_alive(internal, rec) is True
+    store = walspan.Store(store_dir, install_hooks=False)
+    try:
+        assert store.recover().actions == []
+        assert store.load("s")["status"] == "running"
+        _liveness.remove_dead_lock_file(internal, wid)
+        assert target.read_text() == "sentinel"
+        assert store.verify().ok
+    finally:
+        store.close()
 
 
 def test_clean_close_removes_the_lock_file_and_recovery_removes_dead_ones(

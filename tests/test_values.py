@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -144,12 +143,26 @@ def test_oversized_values_capped_with_visible_marker(tmp_path: Path) -> None:
 
 
 def test_max_value_bytes_validated(tmp_path: Path) -> None:
-    """max_value_bytes must be an int of at least 64 (TypeError/ValueError at construction)."""
-    with pytest.raises(TypeError):
-        walspan.Store(tmp_path, max_value_bytes="10")  # type: ignore[arg-type]
-    with pytest.raises(ValueError):
-        walspan.Store(tmp_path, max_value_bytes=10)
-    assert math.isfinite(walspan.Store(tmp_path, install_hooks=False, max_value_bytes=64).max_value_bytes)
+    """max_value_bytes must be an int (not a str, float, bool or None) of at least 64: anything
+    else is refused at construction, naming the parameter; 64 itself is accepted and is the cap
+    really applied (a 64-byte string is kept whole, a 65-byte one is cut to 64 bytes)."""
+    for bad in ("10", 64.0, True, None):
+        with pytest.raises(TypeError, match="max_value_bytes must be an int"):
+            walspan.Store(tmp_path, install_hooks=False, max_value_bytes=bad)  # type: ignore[arg-type]
+    for bad in (63, 0, -1):
+        with pytest.raises(ValueError, match=f"max_value_bytes must be at least 64, not {bad}"):
+            walspan.Store(tmp_path, install_hooks=False, max_value_bytes=bad)
+    store = walspan.Store(tmp_path, install_hooks=False, max_value_bytes=64)
+    try:
+        assert store.max_value_bytes == 64
+        t = store.open("cap")
+        t.start_span("whole", input="a" * 64).end()
+        t.start_span("cut", input="b" * 65).end()
+        whole, cut = store.load("cap")["spans"]
+        assert whole["input"] == "a" * 64
+        assert cut["input"] == "b" * 64 + TRUNCATION_MARKER.format(kept=64, total=65)
+    finally:
+        store.close()
 
 
 def test_cyclic_or_too_deep_value_refused(tmp_path: Path) -> None:

@@ -3,9 +3,15 @@
 Installed once per process, when a Store with install_hooks=True first attaches a writer:
 - sys.excepthook: an uncaught exception ends every trace this process has attached as
   `error` ("<Type>: <message>"); threading.excepthook ends the traces opened by that thread.
-- SIGTERM, SIGINT, SIGHUP: mark every attached trace `crashed` ("killed by SIGTERM"), then the
+- SIGTERM, SIGHUP: mark every attached trace `crashed` ("killed by SIGTERM"), then the
   previous handler runs, or the default action happens (the process dies by the signal). A
   signal whose disposition was SIG_IGN is left alone.
+- SIGINT is not fatal by itself: Python turns it into KeyboardInterrupt, and a REPL or an agent
+  loop catches that and carries on. So the handler only chains to the previous one (Python's,
+  which raises KeyboardInterrupt, or the program's own); the traces are marked `crashed`
+  ("interrupted: ...") at the interpreter's exit, and only if an uncaught KeyboardInterrupt is
+  what ends it (see `_at_exit`). Only when SIGINT's disposition was SIG_DFL (the process dies
+  by it, no exception) does it act like SIGTERM.
 - atexit (and multiprocessing's exit finalizers, which run where atexit does not): detach.
 Every hook chains to whatever was installed before it. SIGKILL and power loss are recovery's job.
 
@@ -42,6 +48,7 @@ _install_lock = threading.Lock()
 _local = threading.local()
 _pending_signals: list[int] = []
 HANDLED_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, n))
+_SIGINT = signal.SIGINT
 _previous: dict[int, Any] = {}
 
 
@@ -111,7 +118,11 @@ def install() -> None:
 
         def excepthook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
             try:
-                _end_all(_describe(exc_type, exc), thread=None, error=exc)
+                # An uncaught KeyboardInterrupt is judged at exit instead (_at_exit): non-daemon
+                # threads still run (and log) until the interpreter has joined them, and the
+                # interactive interpreter calls this hook for every interrupted command.
+                if not isinstance(exc, KeyboardInterrupt):
+                    _end_all(_describe(exc_type, exc), thread=None, error=exc)
             finally:  # whatever happens here, the original traceback is still shown
                 previous_excepthook(exc_type, exc, tb)
 
@@ -187,7 +198,17 @@ def _end_all(message: str, thread: int | None, error: BaseException | None) -> N
 
 def _on_signal(signum: int, frame: Any) -> None:
     if _is_busy():
-        _pending_signals.append(signum)  # finish the current walspan call first
+        # Finish the current walspan call first: no crash record taken under our own locks, and
+        # no KeyboardInterrupt raised in the middle of an append (between its write and the
+        # shared state's update, or inside its flush).
+        _pending_signals.append(signum)
+        return
+    prev = _previous.get(signum, signal.SIG_DFL)
+    if signum == _SIGINT and callable(prev):
+        # Not the end of the process: Python's handler raises KeyboardInterrupt (or the
+        # program's own handler decides). Whether that interrupt ends the process is known
+        # only at exit (_at_exit).
+        prev(signum, frame)
         return
     name = signal.Signals(signum).name
     for store in stores():
@@ -195,7 +216,6 @@ def _on_signal(signum: int, frame: Any) -> None:
             store._end_attached("crashed", f"killed by {name}", thread=None)
         except Exception:  # pragma: no cover
             log.exception("walspan: could not record %s in %s", name, store.directory)
-    prev = _previous.get(signum, signal.SIG_DFL)
     if callable(prev):
         prev(signum, frame)
     elif prev == signal.SIG_DFL:
@@ -207,7 +227,38 @@ def _register_atexit() -> None:
     global _atexit_pid
     if _atexit_pid != os.getpid():  # atexit entries survive fork: one registration per process
         _atexit_pid = os.getpid()
-        atexit.register(detach_all)
+        atexit.register(_at_exit)
+
+
+def _at_exit() -> None:
+    """The interpreter is exiting: after the main module returned or raised, and after every
+    non-daemon thread was joined. If an uncaught KeyboardInterrupt is what ended it, the
+    traces are crashed ("interrupted"); otherwise they are only detached."""
+    interrupt = ended_by_interrupt()
+    if interrupt is not None:
+        _end_all(_interrupted_message(interrupt), thread=None, error=interrupt)
+    detach_all()
+
+
+def ended_by_interrupt() -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt that is ending this interpreter, if one is.
+
+    When the main module (script, -c or -m) ends by an uncaught exception, the interpreter
+    stores it in sys.last_value (sys.last_exc from 3.12) before it calls sys.excepthook, so
+    this holds whichever excepthook the program installed; then it joins threads, runs atexit
+    and, for a KeyboardInterrupt, kills itself by SIGINT. The interactive interpreter stores
+    every exception shown at its prompt there too, but a KeyboardInterrupt does not end it:
+    it is never taken for one there.
+    """
+    if sys.flags.interactive or sys.flags.inspect or hasattr(sys, "ps1"):
+        return None
+    exc = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
+    return exc if isinstance(exc, KeyboardInterrupt) else None
+
+
+def _interrupted_message(exc: KeyboardInterrupt) -> str:
+    detail = _describe(type(exc), exc)
+    return "interrupted: uncaught " + (detail if exc.args else type(exc).__name__)
 
 
 def _in_multiprocessing_child() -> bool:

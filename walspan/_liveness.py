@@ -17,16 +17,26 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import socket
 import threading
-from typing import Any
+from typing import Any, TypeGuard
 
 import psutil
 
 from . import _fsutil, _locking
 
 HOST = socket.gethostname()
+# What ProcessWriter names itself (secrets.token_hex(8)). A writer id comes from a WAL, which
+# anyone able to write the file could have crafted: it becomes part of a path (the lock file,
+# and the file recovery unlinks) only if it has exactly this shape, so no id can reach outside
+# the writers directory.
+_WRITER_ID = re.compile(r"[0-9a-f]{16}")
+
+
+def valid_writer_id(wid: object) -> TypeGuard[str]:
+    return isinstance(wid, str) and _WRITER_ID.fullmatch(wid) is not None
 
 
 def writers_dir(internal: str) -> str:
@@ -88,9 +98,15 @@ class ProcessWriter:
 
 
 def writer_alive(internal: str, writer: dict[str, Any]) -> bool:
-    """Is the writer described by an attach record still alive? Fails closed."""
+    """Is the writer described by an attach record still alive? Fails closed.
+
+    The lock decides whenever its file exists, whatever the pid says: the attach record's pid
+    may name an unrelated process here (a writer in another pid namespace on a host with the
+    same name, a container), and a dead writer's pid may have been reused. Only a missing file
+    falls back to pid + start time.
+    """
     wid = writer.get("writer_id") or writer.get("writer")
-    if not isinstance(wid, str) or not all(c in "0123456789abcdef" for c in wid) or not wid:
+    if not valid_writer_id(wid):
         return True  # not a name we could have written: prove nothing, claim nothing
     path = os.path.join(writers_dir(internal), wid + ".live")
     try:
@@ -127,6 +143,8 @@ def _pid_alive(writer: dict[str, Any]) -> bool:
 
 def remove_dead_lock_file(internal: str, writer_id: str) -> None:
     """Remove the lock file of a writer proven dead (housekeeping; safe if already gone)."""
+    if not valid_writer_id(writer_id):
+        return  # never a path built from a crafted id (see _WRITER_ID)
     path = os.path.join(writers_dir(internal), writer_id + ".live")
     try:
         fd = _fsutil.open_file(path, os.O_RDWR)

@@ -56,6 +56,13 @@ What a run does
    - the janitor reported no error, and every JSON it read right after compacting parsed
      (a reader never sees a torn JSON).
 
+5. The damage phase (walspan/_damage.py, --damage-trials, seeded from --seed): copies of the
+   WALs, in .stress-damage/ beside them, get one bit flipped, a sector zeroed or garbled, or a
+   cut; Store.load, verify, open, recover, compact and repair must then give one verdict on
+   each copy (the same records, or corruption at the same offset that repair gets out of,
+   keeping every record before it), and a torn-tail verdict must not leave intact records
+   behind. Each outcome is counted; any other fails the run, naming what each reader said.
+
 Sizes: the writers log a few MB per second of load between them, so traces grow with
 --duration, and the final checks fold each whole trace in memory (measured, durable mode on 2
 cores: 20 s -> ~150 MB of WAL; 90 s -> 415 MB of WAL and 1.4 GB peak RSS in the checking
@@ -86,6 +93,7 @@ detached, else ``crashed``), so the plan turns one close fate of such a session 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -99,6 +107,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from ._damage import DEFAULT_TRIALS as DEFAULT_DAMAGE_TRIALS
 
 FATES = ("sigkill", "sigterm", "end", "close", "exception")
 TERMINAL_STATUS = {"end": "completed", "exception": "error", "sigterm": "crashed"}
@@ -385,6 +395,10 @@ class Figures:
     recover_s: float = 0.0
     recover_actions: int = 0
     wal_bytes: int = 0
+    damage_trials: int = 0
+    damage_kinds: dict[str, int] = field(default_factory=dict)
+    damage_outcomes: dict[str, int] = field(default_factory=dict)
+    damage_s: float = 0.0
     total_s: float = 0.0
     failures: list[str] = field(default_factory=list)
 
@@ -412,6 +426,7 @@ def run(
     durability: str = "durable",
     kill_rate: float = 0.5,
     progress: bool = True,
+    damage_trials: int = DEFAULT_DAMAGE_TRIALS,
 ) -> Figures:
     """Run one stress round in `directory` (created if missing, must hold no WAL)."""
     t_start = time.monotonic()
@@ -557,6 +572,10 @@ def run(
 
         # -- recover, then verify ---------------------------------------------------------
         check(directory, states, figs)
+        if damage_trials:
+            if progress:
+                _progress(f"damage phase: {damage_trials} damaged copies, every reader's verdict on each")
+            damage(directory, seed, damage_trials, figs)
     finally:
         for s in states:
             if s.proc.poll() is None:
@@ -764,6 +783,19 @@ def check(directory: str, states: list[WriterState], figs: Figures) -> None:
     fail.extend(f"verify: {e}" for e in vr.errors)
 
 
+def damage(directory: str, seed: int, trials: int, figs: Figures) -> None:
+    """Step 5: the damage phase over copies of the run's WALs (see walspan/_damage.py)."""
+    from ._damage import damage_phase
+
+    scratch = os.path.join(directory, ".stress-damage")
+    wals = [os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".wal") and not n.startswith(".")]
+    d = damage_phase(wals, scratch, seed=seed ^ 0xDA3A6E, trials=trials)
+    figs.damage_trials, figs.damage_kinds, figs.damage_outcomes, figs.damage_s = d.trials, d.kinds, d.outcomes, d.seconds
+    figs.failures.extend(d.failures)
+    with contextlib.suppress(OSError):
+        os.rmdir(scratch)  # empty unless a trial failed (its copies are kept for inspection)
+
+
 def _check_lost(p: dict[str, Any], by_wid: dict[str | None, WriterState], figs: Figures, sid: str) -> None:
     s = by_wid.get(p.get("lost"))
     t = p.get("time") or 0
@@ -849,6 +881,8 @@ def summary_table(f: Figures) -> str:
         ("fold mismatches", f"{f.fold_mismatches}"),
         ("verify errors", f"{f.verify_errors}"),
         ("wrong exits", f"{f.wrong_exits}"),
+        ("damage trials", f"{f.damage_trials} ({', '.join(f'{k} {v}' for k, v in f.damage_kinds.items())}) in {f.damage_s:.1f} s"),
+        ("damage verdicts", ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in f.damage_outcomes.items()) or "-"),
         ("time to recover", f"{f.recover_s * 1000:.0f} ms ({f.recover_actions} action(s) left for the final recover)"),
         ("total time", f"{f.total_s:.1f} s"),
         ("result", "PASS" if f.ok else f"FAIL ({len(f.failures)} problem(s))"),
@@ -860,14 +894,20 @@ def summary_table(f: Figures) -> str:
 # == CLI ======================================================================================
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {v}")
-    return v
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {v}")
+        return v
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
 
 
 def _float_between(low: float, high: float, unit: str = "") -> Callable[[str], float]:
@@ -908,6 +948,12 @@ def register(sub: Any) -> None:
         "the data per second, so the checks after the load take minutes: pair it with a short --duration",
     )
     s.add_argument("--kill-rate", type=_rate, default=0.5, help="share of writers killed by a signal (default %(default)s)")
+    s.add_argument(
+        "--damage-trials",
+        type=_int_at_least(0),
+        default=DEFAULT_DAMAGE_TRIALS,
+        help="damaged copies of the WALs judged by every reader after the checks (default %(default)s; 0: none)",
+    )
     s.add_argument("--seed", type=int, default=None, help="make the plan reproducible (default: random, printed)")
     s.add_argument("--json", metavar="FILE", help="write the figures as JSON to FILE")
     s.add_argument("--keep", action="store_true", help="keep the temp directory")
@@ -938,6 +984,7 @@ def cmd_stress(args: argparse.Namespace) -> int:
     figs = run(
         directory, seed=seed, writers=args.writers, sessions=args.sessions, duration=args.duration,
         durability=args.durability, kill_rate=args.kill_rate, progress=not args.quiet,
+        damage_trials=args.damage_trials,
     )
     print(summary_table(figs))
     for msg in figs.failures[:50]:
