@@ -201,12 +201,6 @@ def test_the_phase_never_touches_the_originals(wal: str, tmp_path: Path) -> None
     assert (_sha(wal), sorted(os.listdir(os.path.dirname(wal)))) == before
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 9 item 1: the reader takes mid-file damage for a torn tail "
-    "(find_valid_record_after's search pattern), so every reader agrees on a silent cut; "
-    "fixed by the reader rewrite on main",
-)
 def test_real_readers_give_one_right_verdict_on_every_damaged_copy(wal: str, tmp_path: Path) -> None:
     """load, verify, open, recover, compact and repair agree on every damaged copy of a
     500 KB WAL (16 trials, all four kinds) and are right: the same records for a torn tail,

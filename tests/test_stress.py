@@ -31,10 +31,8 @@ def test_short_stress_run_passes_and_reports_figures(tmp_path: Path) -> None:
     events were acknowledged, none lost or duplicated, every status as expected, every JSON valid,
     every writer ended by its planned fate (invariants 1, 3, 6)."""
     figures = tmp_path / "figures.json"
-    # --damage-trials 0: the damage phase has its own test below (and fails every run until the
-    # reader fix of issue 9 item 1 lands: drop this option then)
     proc = run_cli(str(tmp_path / "run"), "--duration", "3", "--writers", "4", "--sessions", "2",
-                   "--seed", "11", "--json", str(figures), "-q", "--damage-trials", "0")
+                   "--seed", "11", "--json", str(figures), "-q")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     f = json.loads(figures.read_text())
     assert f["ok"] is True and f["failures"] == []
@@ -77,14 +75,17 @@ def test_damage_phase_runs_and_reports_every_verdict(tmp_path: Path) -> None:
 
 def test_a_damage_disagreement_fails_the_stress_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The stress run takes the damage phase's verdicts as its own: with a reader that always
-    disagrees (one record short of `load`), every trial is a disagreement, counted in the
+    disagrees (one record short of `load`, or one byte off its corruption offset), every trial is a disagreement, counted in the
     figures, and the run fails with one message per trial naming both readers."""
     from walspan import _damage
 
     directory, _wid = _fake_writer_dir(tmp_path, 200)
 
     def short(path: str, sid: str, original: list) -> _damage.Verdict:  # type: ignore[type-arg]
-        v = _damage.READERS["load"](path, sid, original)
+        try:
+            v = _damage.READERS["load"](path, sid, original)
+        except walspan.CorruptWALError as exc:
+            return _damage.Verdict(corrupt_at=exc.offset + 1)
         return _damage.Verdict(records=(v.records or 1) - 1, end=v.end)
 
     monkeypatch.setattr(_damage, "READERS", {"load": _damage.READERS["load"], "short": short})
@@ -101,8 +102,7 @@ def test_stress_all_writers_signalled_crashes_every_trace(tmp_path: Path) -> Non
     traces are crashed, and still no acknowledged event is lost (invariants 1, 6)."""
     figures = tmp_path / "figures.json"
     proc = run_cli(str(tmp_path / "run"), "--duration", "2", "--writers", "4", "--sessions", "2",
-                   "--kill-rate", "1", "--durability", "process", "--seed", "5", "--json", str(figures), "-q",
-                   "--damage-trials", "0")
+                   "--kill-rate", "1", "--durability", "process", "--seed", "5", "--json", str(figures), "-q")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     f = json.loads(figures.read_text())
     assert f["kills"] == {"sigkill": 3, "sigterm": 1, "end": 0, "close": 0, "exception": 0}
@@ -230,7 +230,7 @@ def test_soak_script_runs_rounds_and_logs_figures(tmp_path: Path) -> None:
     log = tmp_path / "soak.jsonl"
     proc = subprocess.run(
         [sys.executable, str(SOAK), "--rounds", "2", "--seed", "40", "--log", str(log),
-         "--duration", "1", "--writers", "2", "--sessions", "1", "--damage-trials", "0"],
+         "--duration", "1", "--writers", "2", "--sessions", "1"],
         capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -228,12 +228,12 @@ def _read_compact(path: str, sid: str, original: list[Record]) -> Verdict:
 def _read_repair(path: str, sid: str, original: list[Record]) -> Verdict:
     store = _store(path, durability="process")
     try:
-        cut = store.repair(sid)
+        result = store.repair(sid)
     finally:
         store.close()
-    if cut is not None:
-        return Verdict(corrupt_at=cut[0])
-    return kept(path, original)
+    if result is not None and result.action in ("cut", "set_aside"):
+        return Verdict(corrupt_at=result.offset)
+    return kept(path, original)  # sound, or a torn tail it truncated as an append would
 
 
 READERS: dict[str, Reader] = {
@@ -336,6 +336,11 @@ def run_trial(
         return t
     # every reader says corrupt at `stop`: repair must get out, keeping every record before it
     keep = [r for r in original if r.end <= stop]
+    if not keep and paths.get("repair") is not None:
+        # nothing before the damage to keep: repair moves the whole file aside, unchanged
+        problem = _check_set_aside(paths["repair"], damaged)
+        t.outcome, t.problem = ("repair_failed", problem) if problem else ("corrupt_repaired", "")
+        return t
     problem = _check_repair(paths.get("repair"), damaged, stop)
     if problem is None:
         with open(paths["repair"], "rb") as f:
@@ -350,6 +355,18 @@ def run_trial(
     else:
         t.outcome = "corrupt_repaired"
     return t
+
+
+def _check_set_aside(repaired_path: str, damaged: bytes) -> str | None:
+    aside = f"{repaired_path}.broken-0"
+    if os.path.exists(repaired_path):
+        return "repair left a WAL with nothing to keep in place"
+    try:
+        with open(aside, "rb") as f:
+            moved = f.read()
+    except OSError as exc:
+        return f"repair left no {os.path.basename(aside)}: {exc.strerror or exc}"
+    return None if moved == damaged else f"{os.path.basename(aside)} does not hold the damaged file unchanged"
 
 
 def _check_repair(repaired_path: str | None, damaged: bytes, stop: int) -> str | None:
