@@ -156,20 +156,24 @@ class Chromium:
     def page(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         return self.call(method, params, self.session)
 
-    def wait_event(self, method: str, timeout: float | None = None) -> dict[str, Any]:
+    def wait_event(self, method: str, since: int = 0, timeout: float | None = None) -> dict[str, Any]:
+        """The first `method` event among those recorded from index `since` on (events that
+        arrived while waiting for a command's answer are recorded too), waiting if needed."""
         deadline = time.monotonic() + (timeout or self.timeout)
         while True:
-            msg = self._recv(deadline)
-            if msg.get("method") == method:
-                return msg
+            for ev in self.events[since:]:
+                if ev["method"] == method:
+                    return ev
+            since = len(self.events)
+            self._recv(deadline)
 
     # -- what the tests use -------------------------------------------------------------------
 
     def open(self, path: Path, *, fragment: str = "") -> None:
         """Load a local file and wait for its load event."""
-        self.events.clear()
+        mark = len(self.events)
         self.page("Page.navigate", {"url": path.resolve().as_uri() + fragment})
-        self.wait_event("Page.loadEventFired")
+        self.wait_event("Page.loadEventFired", since=mark)
 
     def eval(self, expression: str) -> Any:
         """Evaluate JavaScript in the page (promises awaited) and return its value."""
@@ -183,7 +187,10 @@ class Chromium:
         """Evaluate `expression` until it is truthy (the page keeps running while we poll)."""
         deadline = time.monotonic() + (timeout or self.timeout)
         while True:
-            value = self.eval(expression)
+            try:
+                value = self.eval(expression)
+            except BrowserError:  # e.g. the page is between two documents
+                value = None
             if value:
                 return value
             if time.monotonic() > deadline:
