@@ -296,3 +296,24 @@ def test_index_lists_sessions_and_links_to_their_pages(page: Chromium, tmp_path:
     page.wait_for("window.walspanView && window.walspanView.ready && window.walspanView.spans === 1")
     assert page.eval("document.querySelector('.sid').textContent") == "other <b>2</b>"
     assert page.errors() == [] and page.dialogs == []
+
+
+def test_spans_with_missing_or_cyclic_parents_still_get_a_row(page: Chromium, tmp_path: Path) -> None:
+    """A span whose parent is not in the trace (a parent id handed over from elsewhere) and
+    spans whose parents form a cycle (only in a hand-edited file) are drawn as roots, marked,
+    so every span of the trace has exactly one row."""
+    trace = agent_trace(30, status="completed")
+    spans = trace["spans"]
+    spans[3]["parent_span_id"] = "f" * 16  # not in the trace
+    a, b = spans[10], spans[11]
+    a["parent_span_id"], b["parent_span_id"] = b["span_id"], a["span_id"]
+    html = tmp_path / "odd.html"
+    html.write_text(render_trace(trace), encoding="utf-8")
+    _open(page, html)
+    assert _count(page)["rows"] == "30"
+    rows = _rows(page)
+    assert sorted(r["id"] for r in rows) == sorted(s["span_id"] for s in spans)
+    names = {r["id"]: r["name"] for r in rows}
+    assert names[spans[3]["span_id"]].endswith("(parent not in trace)")
+    assert any(names[s["span_id"]].endswith("(parent cycle)") for s in (a, b))
+    _clean(page, html)
