@@ -414,7 +414,7 @@
   }
   function valueNode(v) {
     const text = W.pretty(v);
-    const el = h(typeof v === 'string' && text.indexOf('\n') < 0 && text.length < 200 ? 'span' : 'pre', 'val' + (typeof v === 'string' ? '' : ' json'));
+    const el = h(text.indexOf('\n') < 0 && text.length < 200 ? 'span' : 'pre', 'val' + (typeof v === 'string' ? '' : ' json'));
     if (W.appendMarked(el, text, MARK)) el.classList.add('has-trunc');
     return el;
   }
