@@ -67,6 +67,20 @@ def _rows(b: Chromium) -> list[dict[str, Any]]:
     return rows
 
 
+def _writer_labels(b: Chromium) -> dict[str, str]:
+    """Span id -> the writer label its row shows."""
+    labels: dict[str, str] = b.eval(
+        "Object.fromEntries([...document.querySelectorAll('.row')].filter(r => r.style.display !== 'none')"
+        ".map(r => [r.dataset.spanId, r.querySelector('.wr').textContent]))"
+    )
+    return labels
+
+
+def _selected(b: Chromium) -> str:
+    sid: str = b.eval("document.querySelector('.row.sel').dataset.spanId")
+    return sid
+
+
 def _detail(b: Chromium) -> str:
     text: str = b.eval("document.getElementById('detail').innerText")
     return text
@@ -140,6 +154,8 @@ def test_small_trace_every_span_shown_click_shows_details(page: Chromium, tmp_pa
     assert [r["id"] for r in rows] == _dfs(trace)
     by_id = {sp["span_id"]: sp for sp in trace["spans"]}
     assert [r["name"] for r in rows] == [by_id[r["id"]]["name"] for r in rows]
+    pid = {w["writer_id"]: w["pid"] for w in trace["writers"]}
+    assert _writer_labels(page) == {sid_: f"pid {pid[by_id[sid_]['writer_id']]}" for sid_ in by_id}
 
     edit = next(sp for sp in trace["spans"] if sp["name"] == "edit")
     page.click(f'.row[data-span-id="{edit["span_id"]}"]')
@@ -162,6 +178,21 @@ def test_small_trace_every_span_shown_click_shows_details(page: Chromium, tmp_pa
 
     page.click(f'.row[data-span-id="{rows[-1]["id"]}"]')  # the open span
     assert "open" in page.eval("document.querySelector('#detail .pill').textContent")
+
+    # keyboard: up moves the selection, left goes to the parent, left again collapses it
+    page.click(f'.row[data-span-id="{rows[2]["id"]}"]')
+    page.key("ArrowUp", "ArrowUp", 38)
+    assert _selected(page) == rows[1]["id"]
+    page.key("ArrowLeft", "ArrowLeft", 37)
+    assert _selected(page) == rows[0]["id"]  # the turn
+    page.key("ArrowLeft", "ArrowLeft", 37)
+    assert _count(page)["rows"] == "2"  # the collapsed turn and the open root span
+    page.key("ArrowRight", "ArrowRight", 39)
+    assert _count(page)["rows"] == "7"
+    page.click(f'.row[data-span-id="{rows[0]["id"]}"] .tog')  # the triangle collapses too
+    assert [r["id"] for r in _rows(page)] == [rows[0]["id"], rows[-1]["id"]]
+    page.click(f'.row[data-span-id="{rows[0]["id"]}"] .tog')
+    assert _count(page)["rows"] == "7"
     page.screenshot(tmp_path / "agent.png")
     assert (tmp_path / "agent.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     _clean(page, html)
@@ -243,6 +274,10 @@ def test_100k_spans_virtualised_filters_and_details(page: Chromium, tmp_path: Pa
     last = order[-1]
     page.click(f'.row[data-span-id="{last}"]')
     by_id = {s["span_id"]: s for s in trace["spans"]}
+    pid = {w["writer_id"]: w["pid"] for w in trace["writers"]}
+    labels = _writer_labels(page)
+    assert len({by_id[i]["writer_id"] for i in labels}) > 1  # rows of several writers in view
+    assert labels == {i: f"pid {pid[by_id[i]['writer_id']]}" for i in labels}
     assert by_id[last]["name"] in page.eval("document.querySelector('#detail h2').textContent")
     assert "crashed" == page.eval("document.querySelector('#detail .pill').textContent")
 
@@ -263,6 +298,18 @@ def test_100k_spans_virtualised_filters_and_details(page: Chromium, tmp_path: Pa
         settle(sum(1 for s in trace["spans"] if pred(s)))
         page.eval(f"(() => {{ const e = document.querySelector('{sel}'); e.value = ''; e.dispatchEvent(new Event('change')); }})()")
         settle(n)
+    # the conversation view adds its cards in chunks as it scrolls
+    page.click("#tab-conversation")
+    in_conv = sum(1 for s in trace["spans"] if s["kind"] in ("user", "generation", "tool", "agent"))
+    assert page.eval("document.querySelector('.conv-head').textContent").startswith(
+        f"{sum(1 for s in trace['spans'] if s['kind'] == 'user'):,} user message(s)"
+    )
+    first = page.eval("document.querySelectorAll('#conversation .card').length")
+    assert 0 < first < 1000
+    page.eval("(() => { const c = document.getElementById('conversation'); c.scrollTop = c.scrollHeight; })()")
+    page.wait_for(f"document.querySelectorAll('#conversation .card').length > {first}")
+    assert page.eval("document.querySelector('.sentinel').textContent") == f"{in_conv - 2 * first:,} more…"
+    page.click("#tab-waterfall")
     page.click("#collapse-all")
     roots = sum(1 for s in trace["spans"] if s["parent_span_id"] is None)
     assert _count(page)["rows"] == str(roots)
