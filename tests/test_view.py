@@ -26,7 +26,7 @@ from walfiles import flip_byte, record_offsets
 
 import walspan
 from walspan.cli import main
-from walspan.view import render_index, render_trace
+from walspan.view import render_index, render_trace, write_index
 from walspan.view._page import embed_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -309,3 +309,15 @@ def test_view_store_writes_an_index_and_a_page_per_session(tmp_path: Path, monke
     (bad,) = [r for r in rows if r["error"]]
     assert bad["session_id"] == "extra/2" and bad["href"] is None and str(wal) in bad["error"]
     assert len(list((tmp_path / "again").glob("*.html"))) == 1 + 4
+
+
+def test_index_leaves_out_a_session_removed_while_it_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A session listed by `sessions()` whose WAL is gone when its turn comes (pruned beside
+    us) is left out of the index, not reported as unreadable."""
+    s = _demo_store(tmp_path / "st")
+    real = s.sessions()
+    monkeypatch.setattr(s, "sessions", lambda: sorted(real + ["gone"]))
+    result = write_index(s, tmp_path / "out")
+    assert result.failed == [] and len(result.pages) == len(real)
+    rows = _embedded(result.index.read_text(encoding="utf-8"))["sessions"]
+    assert sorted(r["session_id"] for r in rows) == sorted(real)
