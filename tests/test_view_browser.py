@@ -24,9 +24,9 @@ from walspan.view import render_trace
 CHROMIUM = find_chromium()
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (apt-get install chromium, or set WALSPAN_CHROMIUM)")
 
-# Sanity bound on the 100,000-span page becoming interactive. Measured (scripts/bench_view.py):
-# about 1.5 s on 2 shared cores; this is more than 10x that, to catch a page that hangs or
-# renders every row, never to time the normal case.
+# Sanity bound on the 100,000-span page becoming interactive. Measured (scripts/bench_view.py,
+# docs/VIEWER.md): a median of 1.3-1.9 s on 2 shared cores; this is more than 10x that, to
+# catch a page that hangs or renders every row, never to time the normal case.
 INTERACTIVE_BOUND_MS = 20_000
 
 
