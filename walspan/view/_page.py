@@ -25,10 +25,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
-from .._store import Store
-from .._values import TRUNCATION_MARKER
-from ..errors import WalspanError
+# only walspan's public read side: Store.sessions(), Store.load() and the marker's template
+from .. import TRUNCATION_MARKER, Store, __version__
+from ..errors import SessionNotFoundError, WalspanError
 
 # JSON text may hold these raw; in an HTML script element they could end it ("</script>"),
 # open a comment ("<!--") or, for U+2028/2029, break older JavaScript parsers. Inside JSON
@@ -175,7 +174,8 @@ def _summary(session_id: str, trace: dict[str, Any], href: str) -> dict[str, Any
 
 def write_index(store: Store, directory: str | os.PathLike[str]) -> IndexResult:
     """Write `index.html` and one `<stem>.html` per session of `store` into `directory`
-    (created if missing). A session that cannot be read is listed with its error, not skipped."""
+    (created if missing). A session that cannot be read is listed with its error, not skipped;
+    one removed while this runs is left out."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     result = IndexResult(index=out / "index.html")
@@ -183,16 +183,20 @@ def write_index(store: Store, directory: str | os.PathLike[str]) -> IndexResult:
     for sid in store.sessions():
         name = default_trace_name(store, sid)
         try:
-            page, trace = write_trace(store, sid, out / name)
+            trace = store.load(sid)
+        except SessionNotFoundError:
+            continue  # removed since we listed the store (e.g. pruned): not an error
         except (WalspanError, OSError) as exc:
-            if isinstance(exc, OSError) and not isinstance(exc, WalspanError) and exc.filename is None:
-                reason = f"{store.wal_path(sid)}: {exc.strerror or exc}"
-            else:
-                reason = str(exc) if isinstance(exc, WalspanError) else f"{exc.filename}: {exc.strerror or exc}"
+            if isinstance(exc, WalspanError):  # names the file (and the offset, if corrupt)
+                reason = str(exc)
+            else:  # an OSError from a read may not name its file
+                reason = f"{exc.filename or store.wal_path(sid)}: {exc.strerror or exc}"
             result.failed.append((sid, reason))
             rows.append({"session_id": sid, "href": None, "error": reason})
             continue
-        result.pages.append(page)
+        # (outside the try: failing to write our own page is an error of the command, not of the session)
+        _write_atomically(out / name, render_trace(trace, source=os.fspath(store.directory)))
+        result.pages.append(out / name)
         rows.append(_summary(sid, trace, name))
         del trace  # one trace in memory at a time, however large the store
     _write_atomically(result.index, render_index(rows, source=os.fspath(store.directory)))
