@@ -14,11 +14,13 @@ binary itself, without the wrapper script's extension flags), then `chromium`,
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import select
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -50,13 +52,18 @@ class Chromium:
         self._profile = tempfile.mkdtemp(prefix="walspan-chromium-")
         to_child_r, self._to_child = os.pipe()
         self._from_child, from_child_w = os.pipe()
-
-        def wire_fds() -> None:  # in the child: the protocol reads fd 3 and writes fd 4
-            r, w = os.dup(to_child_r), os.dup(from_child_w)  # dup2 onto itself would keep CLOEXEC
-            os.dup2(r, 3)
-            os.dup2(w, 4)
-
+        # The protocol reads fd 3 and writes fd 4 in the browser. A tiny Python shim puts our
+        # pipe ends there and execs the browser (no preexec_fn, which is unsafe beside threads;
+        # no shell, as dash cannot name descriptors above 9); the ends are first moved to 10 and
+        # above so that moving them to 3 and 4 cannot overwrite each other.
+        r = fcntl.fcntl(to_child_r, fcntl.F_DUPFD_CLOEXEC, 10)
+        w = fcntl.fcntl(from_child_w, fcntl.F_DUPFD_CLOEXEC, 10)
+        os.close(to_child_r)
+        os.close(from_child_w)
         args = [
+            sys.executable,
+            "-c",
+            f"import os, sys; os.dup2({r}, 3); os.dup2({w}, 4); os.close({r}); os.close({w}); os.execv(sys.argv[1], sys.argv[1:])",
             executable,
             "--headless",
             "--no-sandbox",  # tests may run as root in a container
@@ -76,14 +83,13 @@ class Chromium:
         ]
         self.proc = subprocess.Popen(
             args,
-            preexec_fn=wire_fds,
-            close_fds=False,
+            pass_fds=(r, w),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        os.close(to_child_r)
-        os.close(from_child_w)
+        os.close(r)
+        os.close(w)
         self._buf = b""
         self._id = 0
         self.events: list[dict[str, Any]] = []
