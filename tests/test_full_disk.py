@@ -11,7 +11,6 @@ every event acknowledged before is still there once space is freed.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap

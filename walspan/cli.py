@@ -251,6 +251,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_view(args: argparse.Namespace) -> int:
+    from . import view  # only this command needs it
+
+    store = _store(args.dir)
+    if args.session is None:
+        result = view.write_index(store, args.output or os.path.basename(os.path.abspath(args.dir)) + "-view")
+        for _sid, reason in result.failed:
+            print(f"walspan: error: {reason} (listed in the index as unreadable)", file=sys.stderr)
+        print(f"wrote {result.index} and {len(result.pages)} session page(s) beside it")
+        return 1 if result.failed else 0
+    out = args.output or view.default_trace_name(store, args.session)
+    if os.path.isdir(out):
+        out = os.path.join(out, view.default_trace_name(store, args.session))
+    path, trace = view.write_trace(store, args.session, out)
+    n = len(trace["spans"])
+    print(f"wrote {path} ({n} span{'' if n == 1 else 's'})")
+    return 0
+
+
 # -- entry point ----------------------------------------------------------------------------
 
 
@@ -308,6 +327,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--include-io", action="store_true", help="OTLP: span inputs/outputs as GenAI prompt and completion attributes"
     )
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("view", help="write a self-contained HTML page of one trace, or of every trace in DIR")
+    s.add_argument("dir")
+    s.add_argument("session", nargs="?")
+    s.add_argument(
+        "-o", "--output",
+        help="the page to write (default: ./<session file stem>.html); without SESSION, the directory "
+        "that gets index.html and one page per session (default: ./<DIR's name>-view)",
+    )
+    s.set_defaults(func=cmd_view)
 
     register_stress(sub)
     return p
