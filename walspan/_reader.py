@@ -128,6 +128,10 @@ def iter_records(
                 view = memoryview(buf)
                 continue
             if not avail:
+                if pos + i < durable_end:  # the file ends inside what was known to be whole
+                    raise CorruptWALError(
+                        path, pos + i, f"the log ends here, below offset {durable_end} that was known to be whole"
+                    )
                 break  # clean end of file
             damage = "partial record header at end of file"
         else:
