@@ -6,7 +6,7 @@ checked against the log before it is used, and the state is rebuilt from the log
 cannot be trusted (docs/FORMAT.md, "Shared state"). Layout, little-endian, 128 bytes::
 
     0   magic         8s   b"WSPSHM02"
-    8   salt          u64  the salt of the WAL described (else: another WAL's state)
+    8   wal_id        u64  the id of the WAL described (else: another WAL's state)
     16  boot          16s  id of the kernel run that wrote it (a reboot may have lost writes)
     32  written_end   u64  offset just past the last complete record
     40  last_seq      u64  its sequence number
@@ -33,7 +33,7 @@ import zlib
 from typing import NamedTuple
 
 from . import _fsutil
-from ._format import FILE_HEADER_SIZE
+from ._format import FILE_HEADER_SIZE, wal_keys
 
 SHM_SIZE = 128
 MAGIC = b"WSPSHM02"
@@ -79,7 +79,7 @@ def decode(raw: bytes | mmap.mmap, salt: int, size: int) -> State | None:
     if len(raw) < _GROUP_END:
         return None
     magic, s, boot, written_end, last_seq, terminal_off, durable_end, cut_gen, failed = _GROUP.unpack_from(raw, 0)
-    if magic != MAGIC or s != salt or _U32.unpack_from(raw, _CRC_AT)[0] != zlib.crc32(raw[8:_CRC_AT]):
+    if magic != MAGIC or s != _wal_ident(salt) or _U32.unpack_from(raw, _CRC_AT)[0] != zlib.crc32(raw[8:_CRC_AT]):
         return None
     same_boot = boot == boot_id()
     if same_boot:
@@ -90,6 +90,12 @@ def decode(raw: bytes | mmap.mmap, salt: int, size: int) -> State | None:
     elif durable_end > size:
         return None
     return State(written_end, last_seq, terminal_off, durable_end, cut_gen, failed, same_boot)
+
+
+@functools.lru_cache(maxsize=1024)
+def _wal_ident(salt: int) -> int:
+    """The WAL's public id as a u64: the state names its WAL without holding a copy of the salt."""
+    return int(wal_keys(salt).wal_id, 16)
 
 
 def witness(state: State | None) -> int:
@@ -134,6 +140,7 @@ class SharedState:
     def __init__(self, path: str, salt: int) -> None:
         self.path = path
         self.salt = salt
+        self._ident = _wal_ident(salt)
         self._boot = boot_id()
         fd = _fsutil.open_file(path, os.O_RDWR | os.O_CREAT)
         try:
@@ -150,7 +157,7 @@ class SharedState:
     def store(self, written_end: int, last_seq: int, terminal_off: int, durable_end: int, cut_gen: int, failed: int) -> None:
         """Under the append lock only."""
         packed = _GROUP.pack(
-            MAGIC, self.salt, self._boot, written_end, last_seq, terminal_off, durable_end, cut_gen, failed
+            MAGIC, self._ident, self._boot, written_end, last_seq, terminal_off, durable_end, cut_gen, failed
         )
         self._mm[0:_GROUP_END] = packed + _U32.pack(zlib.crc32(packed[8:]))
 
@@ -161,7 +168,7 @@ class SharedState:
         if _U32.unpack_from(raw, _CRC_AT)[0] != zlib.crc32(raw[8:_CRC_AT]):
             return 0
         magic, s, boot, _we, _seq, _term, durable_end, _gen, failed = _GROUP.unpack_from(raw, 0)
-        if magic != MAGIC or s != self.salt or boot != self._boot or failed:
+        if magic != MAGIC or s != self._ident or boot != self._boot or failed:
             return 0
         return int(durable_end)
 
@@ -171,7 +178,7 @@ class SharedState:
         if _U32.unpack_from(raw, _CRC_AT)[0] != zlib.crc32(raw[8:_CRC_AT]):
             return None
         magic, s, boot, written_end, _seq, _term, _de, cut_gen, _failed = _GROUP.unpack_from(raw, 0)
-        if magic != MAGIC or s != self.salt or boot != self._boot:
+        if magic != MAGIC or s != self._ident or boot != self._boot:
             return None
         return int(cut_gen), int(written_end)
 
