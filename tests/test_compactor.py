@@ -305,3 +305,58 @@ def test_compaction_flushes_the_wal_only_when_it_is_not_yet_durable(
     assert flushes.count(wal) == wal_flushes
     assert json.loads(store.trace_path("s").read_bytes())["wal"]["offset"] == os.path.getsize(wal)
     t.close()
+
+
+def test_a_json_showing_lost_records_is_kept_aside_and_rebuilt(
+    pstore: walspan.Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A completed trace's WAL loses its last records (cut by hand below what its JSON shows):
+    verify reports the JSON as showing records the WAL does not hold; `walspan compact` keeps
+    that JSON, byte for byte, as <json>.stale-<seq> (evidence, never overwritten), says so in
+    one line, and rebuilds the JSON from the WAL; verify is then clean."""
+    from walspan.cli import main
+
+    t = _fill(pstore, "lost", 4)
+    t.end()
+    wal, json_path = pstore.wal_path("lost"), pstore.trace_path("lost")
+    shown = json_path.read_bytes()
+    seq = json.loads(shown)["wal"]["seq"]
+    os.truncate(wal, record_offsets(wal)[-2][0] + 5)  # the last two records are gone
+    report = pstore.verify()
+    assert not report.ok and "does not hold" in report.errors[0]
+    assert main(["compact", pstore.directory, "lost"]) == 0
+    err = capsys.readouterr().err
+    aside = Path(f"{json_path}.stale-{seq}")
+    assert aside.read_bytes() == shown and str(aside) in err
+    assert json_path.read_bytes() == dumps(pstore.load("lost"))
+    assert json.loads(json_path.read_bytes())["status"] == "running"
+    assert pstore.verify().ok
+
+
+def test_a_stale_json_is_not_the_checkpoint_of_new_records_at_its_offsets(pstore: walspan.Store) -> None:
+    """After a cut, offsets and sequence numbers are reused: a record with the same seq, at the
+    same offset and of the same length as the one a JSON names as its last can hold other
+    content. Compaction must not take that JSON for its checkpoint (it checks the record's
+    header checksum too): the rebuilt JSON equals a full fold of the WAL, and the old one is
+    kept aside."""
+    from walspan import _format
+    from walspan._format import encode_record, unpack_payload
+
+    t = _fill(pstore, "alias", 3)
+    t.close()  # the last record: this writer's detach
+    pstore.close()
+    wal, json_path = pstore.wal_path("alias"), pstore.trace_path("alias")
+    pstore.compact("alias")
+    old = json.loads(json_path.read_bytes())
+    last, seq = old["wal"]["last_record"], old["wal"]["seq"]
+    data = wal.read_bytes()
+    salt = _format.decode_file_header(data[:32])
+    payload = unpack_payload(data[last + _format.RECORD_HEADER_SIZE :])
+    other = dict(payload, writer=payload["writer"][::-1])  # another writer detaching: same length
+    body = _format.pack_payload(other)
+    assert len(body) == len(data) - last - _format.RECORD_HEADER_SIZE
+    # the log is cut at that record, and a different record of the same seq and size takes its place
+    wal.write_bytes(data[:last] + encode_record(salt, _format.RecordType.WRITER_DETACH, seq, body))
+    rebuilt = pstore.compact("alias").read_bytes()
+    assert rebuilt == _full_fold_bytes(wal) != json.dumps(old).encode()
+    assert json.loads(Path(f"{json_path}.stale-{seq}").read_bytes()) == old
