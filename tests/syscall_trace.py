@@ -18,6 +18,7 @@ Typical use (the `syscall_tracer` fixture in conftest.py builds the library):
 
 from __future__ import annotations
 
+import bisect
 import os
 import shutil
 import subprocess
@@ -251,23 +252,36 @@ class Tracer:
 # -- durability checks over a log -------------------------------------------------------------
 
 
-def writes_of(history: Sequence[Call], path: str, start: int, end: int) -> list[Call]:
-    """The successful writes in `history` (one process's, up to some point) that put bytes of
-    [start, end) into `path`, latest last. Raises AssertionError if they do not cover it all."""
-    found = [c for c in history if c.op in WRITES and c.ok and c.path == path and c.off < end and c.span[1] > start]
-    covered = start
-    for c in sorted(found, key=lambda c: c.off):
-        if c.off <= covered:
-            covered = max(covered, c.span[1])
-    if covered < end:
-        raise AssertionError(f"no write of bytes [{start}, {end}) of {path} before this point")
-    return sorted(found, key=lambda c: c.t1)
+def writes_of(calls: Sequence[Call], path: str, start: int, end: int, before: int | None = None) -> list[Call]:
+    """The latest successful writes among `calls` (in log order; only those with index <
+    `before` if given) that put the bytes [start, end) into `path`, latest first. Raises
+    AssertionError if they do not cover the whole range."""
+    hi = len(calls) if before is None else bisect.bisect_left(calls, before, key=lambda c: c.index)
+    found: list[Call] = []
+    missing = [(start, end)]  # ranges not yet covered by a later write
+    for c in reversed(calls[:hi]):
+        if not missing:
+            break
+        if c.op not in WRITES or not c.ok or c.path != path:
+            continue
+        a, b = c.span
+        if any(a < m_end and b > m_start for m_start, m_end in missing):
+            found.append(c)
+            missing = [r for m_start, m_end in missing for r in ((m_start, min(m_end, a)), (max(m_start, b), m_end)) if r[0] < r[1]]
+    if missing:
+        raise AssertionError(f"no write of bytes {missing} of {path} before this point")
+    return found
 
 
-def covering_flush(log: TraceLog, path: str, written: Call, acked: Call, ops: Iterable[str] = FLUSHES) -> Call | None:
-    """A successful flush of `path`, by any process, that began after `written` completed and
-    ended before `acked` (a mark): such a flush covers what `written` wrote. None if none."""
-    for c in log.on(path, ops):
-        if c.ok and c.t0 >= written.t1 and c.t1 <= acked.t0:
+def flushes_of(log: TraceLog, path: str, ops: Iterable[str] = FLUSHES) -> list[Call]:
+    """The successful flushes of `path` (by any process), in the order they completed."""
+    return [c for c in log.on(path, ops) if c.ok]
+
+
+def covering_flush(flushes: Sequence[Call], written: Call, acked: Call) -> Call | None:
+    """Among `flushes` (see flushes_of), one that began after `written` completed and ended
+    before `acked` (a mark) began: such a flush covers what `written` wrote. None if none."""
+    for c in flushes:
+        if c.t0 >= written.t1 and c.t1 <= acked.t0:
             return c
     return None
