@@ -218,25 +218,25 @@ static void log_open(long long t0, int dirfd, const char *path, int flags, int e
          ret >= 0 && !existed && (flags & O_CREAT) != 0, ret >= 0 ? fd_ino(ret, NULL) : 0ULL, ret, err);
 }
 
-#define OPEN_AT(NAME, REALNAME)                                                              \
-    int NAME(int dirfd, const char *path, int flags, ...) {                                  \
-        mode_t mode = 0;                                                                      \
-        if (needs_mode(flags)) {                                                              \
-            va_list ap;                                                                       \
-            va_start(ap, flags);                                                              \
-            mode = va_arg(ap, mode_t);                                                        \
-            va_end(ap);                                                                       \
-        }                                                                                     \
-        REAL(REALNAME);                                \
-        if (!tracing())                                                                       \
-            return real_##REALNAME(dirfd, path, flags, mode);                                 \
-        int existed = path_ino(dirfd, path) != 0;                                            \
-        long long t0 = now_ns();                                                              \
-        int ret = real_##REALNAME(dirfd, path, flags, mode);                                  \
-        int saved = errno, err = ret < 0 ? saved : 0;                                                        \
-        log_open(t0, dirfd, path, flags, existed, ret, err);                                  \
-        errno = saved;                                                            \
-        return ret;                                                                           \
+#define OPEN_AT(NAME, REALNAME) \
+    int NAME(int dirfd, const char *path, int flags, ...) { \
+        mode_t mode = 0; \
+        if (needs_mode(flags)) { \
+            va_list ap; \
+            va_start(ap, flags); \
+            mode = va_arg(ap, mode_t); \
+            va_end(ap); \
+        } \
+        REAL(REALNAME); \
+        if (!tracing()) \
+            return real_##REALNAME(dirfd, path, flags, mode); \
+        int existed = path_ino(dirfd, path) != 0; \
+        long long t0 = now_ns(); \
+        int ret = real_##REALNAME(dirfd, path, flags, mode); \
+        int saved = errno, err = ret < 0 ? saved : 0; \
+        log_open(t0, dirfd, path, flags, existed, ret, err); \
+        errno = saved; \
+        return ret; \
     }
 
 OPEN_AT(openat, openat)
@@ -307,36 +307,36 @@ ssize_t write(int fd, const void *buf, size_t len) {
     return ret;
 }
 
-#define PWRITE(NAME, OFFT)                                                                  \
-    ssize_t NAME(int fd, const void *buf, size_t len, OFFT off) {                             \
-        REAL(NAME);                             \
-        if (!tracing())                                                                       \
-            return real_##NAME(fd, buf, len, off);                                            \
-        long long t0 = now_ns();                                                              \
-        ssize_t ret = real_##NAME(fd, buf, len, off);                                         \
-        int saved = errno, err = ret < 0 ? saved : 0;                                                        \
-        log_write("pwrite", t0, fd, (long long)off, buf, len, ret, err);                     \
-        errno = saved;                                                            \
-        return ret;                                                                           \
+#define PWRITE(NAME, OFFT) \
+    ssize_t NAME(int fd, const void *buf, size_t len, OFFT off) { \
+        REAL(NAME); \
+        if (!tracing()) \
+            return real_##NAME(fd, buf, len, off); \
+        long long t0 = now_ns(); \
+        ssize_t ret = real_##NAME(fd, buf, len, off); \
+        int saved = errno, err = ret < 0 ? saved : 0; \
+        log_write("pwrite", t0, fd, (long long)off, buf, len, ret, err); \
+        errno = saved; \
+        return ret; \
     }
 
 PWRITE(pwrite, off_t)
 PWRITE(pwrite64, off64_t)
 
-#define TRUNCATE(NAME, OFFT)                                                                \
-    int NAME(int fd, OFFT len) {                                                              \
-        REAL(NAME);                                                       \
-        if (!tracing())                                                                       \
-            return real_##NAME(fd, len);                                                      \
-        long long t0 = now_ns();                                                              \
-        int ret = real_##NAME(fd, len);                                                       \
-        int saved = errno, err = ret < 0 ? saved : 0;                                                        \
-        char p[PATH_FIELD];                                                                   \
-        fd_path(fd, p);                                                                       \
+#define TRUNCATE(NAME, OFFT) \
+    int NAME(int fd, OFFT len) { \
+        REAL(NAME); \
+        if (!tracing()) \
+            return real_##NAME(fd, len); \
+        long long t0 = now_ns(); \
+        int ret = real_##NAME(fd, len); \
+        int saved = errno, err = ret < 0 ? saved : 0; \
+        char p[PATH_FIELD]; \
+        fd_path(fd, p); \
         emit(t0, now_ns(), NULL, 0, "ftruncate fd=%d path=%s ino=%llu len=%lld ret=%d err=%d", fd, p, \
-             fd_ino(fd, NULL), (long long)len, ret, err);                                     \
-        errno = saved;                                                            \
-        return ret;                                                                           \
+             fd_ino(fd, NULL), (long long)len, ret, err); \
+        errno = saved; \
+        return ret; \
     }
 
 TRUNCATE(ftruncate, off_t)
@@ -344,22 +344,22 @@ TRUNCATE(ftruncate64, off64_t)
 
 /* -- flushes ------------------------------------------------------------------------------- */
 
-#define SYNC(NAME)                                                                          \
-    int NAME(int fd) {                                                                        \
-        REAL(NAME);                                                             \
-        if (!tracing())                                                                       \
-            return real_##NAME(fd);                                                           \
-        long long t0 = now_ns();                                                              \
-        int ret = real_##NAME(fd);                                                            \
-        int saved = errno, err = ret < 0 ? saved : 0;                                                        \
-        char p[PATH_FIELD];                                                                   \
-        fd_path(fd, p);                                                                       \
-        char type = 'o';                                                                      \
-        unsigned long long ino = fd_ino(fd, &type);                                           \
+#define SYNC(NAME) \
+    int NAME(int fd) { \
+        REAL(NAME); \
+        if (!tracing()) \
+            return real_##NAME(fd); \
+        long long t0 = now_ns(); \
+        int ret = real_##NAME(fd); \
+        int saved = errno, err = ret < 0 ? saved : 0; \
+        char p[PATH_FIELD]; \
+        fd_path(fd, p); \
+        char type = 'o'; \
+        unsigned long long ino = fd_ino(fd, &type); \
         emit(t0, now_ns(), NULL, 0, #NAME " fd=%d path=%s ino=%llu type=%c ret=%d err=%d", fd, p, ino, type, \
-             ret, err);                                                                       \
-        errno = saved;                                                            \
-        return ret;                                                                           \
+             ret, err); \
+        errno = saved; \
+        return ret; \
     }
 
 SYNC(fsync)
