@@ -40,6 +40,8 @@ def pstore(store_dir: Path):
 @pytest.fixture(scope="session")
 def syscall_tracer(tmp_path_factory: pytest.TempPathFactory) -> Tracer:
     """The LD_PRELOAD syscall tracer (tests/syscalls/trace.c), compiled once per test worker."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the syscall tracer needs Linux (LD_PRELOAD into glibc, /proc/self/fd)")
     try:
         return Tracer.build(tmp_path_factory.mktemp("syscall-tracer"))
     except TracerUnavailable as exc:
