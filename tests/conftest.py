@@ -10,6 +10,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # so tests can `import walfiles`
 
+from syscall_trace import Tracer, TracerUnavailable
+
 import walspan
 
 
@@ -33,3 +35,14 @@ def pstore(store_dir: Path):
     s = walspan.Store(store_dir, durability="process", install_hooks=False)
     yield s
     s.close()
+
+
+@pytest.fixture(scope="session")
+def syscall_tracer(tmp_path_factory: pytest.TempPathFactory) -> Tracer:
+    """The LD_PRELOAD syscall tracer (tests/syscalls/trace.c), compiled once per test worker."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the syscall tracer needs Linux (LD_PRELOAD into glibc, /proc/self/fd)")
+    try:
+        return Tracer.build(tmp_path_factory.mktemp("syscall-tracer"))
+    except TracerUnavailable as exc:
+        pytest.skip(str(exc))

@@ -3,6 +3,7 @@ rebuildable view of the WAL, and compaction never makes appends wait."""
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
 import os
@@ -102,23 +103,120 @@ def test_garbage_json_is_rebuilt(pstore: walspan.Store) -> None:
         assert path.read_bytes() == _full_fold_bytes(pstore.wal_path("g"))
 
 
-def test_compaction_is_monotonic(pstore: walspan.Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Invariant 4: a compaction whose fold reflects less of the WAL than the JSON already does
-    (a slow compactor that read an older WAL) never replaces the JSON."""
-    _fill(pstore, "mono", 2)
-    wal = pstore.wal_path("mono")
-    older_end = record_offsets(wal)[-1][0]  # a fold that misses the last record
-    path = pstore.compact("mono")
-    current = path.read_bytes()
-    real = _compactor._fold_fd
+# A second compactor, in its own process: "crash" attaches to session "mono" and crashes it
+# (a terminal record, then the compaction that publishes it); "compact" only compacts. It prints
+# "waiting for the compaction lock" just before it asks for that lock, then "done ...".
+SECOND_COMPACTOR = textwrap.dedent("""
+    import os, sys, walspan
+    from walspan import _compactor, _locking
+    store_dir, action = sys.argv[1], sys.argv[2]
+    real_lock = _locking.lock
 
-    def stale(fd, path, checkpoint, upto):  # type: ignore[no-untyped-def]
-        fold, scan, matched = real(fd, path, None, older_end)  # a fold that reflects less
-        return fold, scan, True  # ...while the JSON it would replace matches this WAL
+    def lock(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".compact"):
+            print("waiting for the compaction lock", flush=True)
+        real_lock(fd)
 
-    monkeypatch.setattr(_compactor, "_fold_fd", stale)
-    assert _compactor.compact(pstore.directory, wal.name[:-4]).rewritten is False
-    assert path.read_bytes() == current
+    _locking.lock = lock
+    store = walspan.Store(store_dir, durability="process", install_hooks=False)
+    if action == "crash":
+        store.open("mono").crash("killed")
+        print("done", flush=True)
+    else:
+        rewritten = _compactor.compact(store.directory, "mono").rewritten
+        print(f"done rewritten={rewritten}", flush=True)
+    store.close()
+""")
+
+
+def _compaction_lock_held(store: walspan.Store, stem: str) -> bool:
+    """Whether some open file holds the session's compaction lock (a non-blocking flock fails)."""
+    fd = os.open(os.path.join(store.directory, ".walspan", stem + ".compact"), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also drops our lock if we got it
+    return False
+
+
+class _Paused:
+    """Makes the next compaction in this process stop between its tmp file's fsync and its
+    rename (the `before_rename` hook), holding the compaction lock, until released."""
+
+    def __init__(self) -> None:
+        self.held, self.release = threading.Event(), threading.Event()
+
+    def __enter__(self) -> _Paused:
+        def hook(_path: str) -> None:
+            self.held.set()
+            assert self.release.wait(TIMEOUT)
+
+        _compactor.before_rename = hook
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _compactor.before_rename = None
+        self.release.set()
+
+
+def _second_compactor(store: walspan.Store, action: str) -> tuple[subprocess.Popen[str], str]:
+    """Start SECOND_COMPACTOR; return it and its first line, read once it either is about to
+    wait for the compaction lock or is done without it (both deterministic: no sleep)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SECOND_COMPACTOR, store.directory, action],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout is not None
+    return proc, proc.stdout.readline()
+
+
+def test_a_stale_compaction_holding_the_lock_cannot_clobber_a_newer_json(pstore: walspan.Store) -> None:
+    """Invariant 4, first order of the M1 race: a compaction that folded the running trace is
+    paused before its rename, holding the compaction lock (checked with a non-blocking flock);
+    another process then crashes the trace, and its compaction must wait for that lock. The stale
+    JSON (running) is published first, the crashed one after it: the JSON ends crashed, equal to
+    load(). Without the lock, the crashed JSON would land first and the stale one over it."""
+    t = _fill(pstore, "mono", 2)
+    with _Paused() as paused:
+        stale = threading.Thread(target=pstore.compact, args=("mono",))
+        stale.start()
+        assert paused.held.wait(TIMEOUT)
+        lock_held = _compaction_lock_held(pstore, "mono")
+        newer, first = _second_compactor(pstore, "crash")
+        paused.release.set()
+        stale.join(TIMEOUT)
+        out, err = newer.communicate(timeout=TIMEOUT)
+    assert newer.returncode == 0, err
+    doc = json.loads(pstore.trace_path("mono").read_bytes())
+    assert doc["status"] == "crashed", "a stale compaction's JSON replaced a newer one"
+    assert doc == pstore.load("mono")
+    assert (lock_held, first, out) == (True, "waiting for the compaction lock\n", "done\n")
+    t.close()
+
+
+def test_a_compaction_queued_behind_a_newer_one_publishes_nothing(pstore: walspan.Store) -> None:
+    """Invariant 4, the other order: the compaction publishing the crashed trace is paused before
+    its rename, holding the lock (the JSON on disk still says running); a compaction started
+    meanwhile in another process waits for the lock, then finds the JSON already reflects the
+    whole WAL and rewrites nothing. Without the lock it would fold and publish concurrently."""
+    t = _fill(pstore, "mono", 2)
+    pstore.compact("mono")
+    assert json.loads(pstore.trace_path("mono").read_bytes())["status"] == "running"
+    with _Paused() as paused:
+        newer = threading.Thread(target=t.crash, args=("killed",))
+        newer.start()
+        assert paused.held.wait(TIMEOUT)
+        lock_held = _compaction_lock_held(pstore, "mono")
+        later, first = _second_compactor(pstore, "compact")
+        paused.release.set()
+        newer.join(TIMEOUT)
+        out, err = later.communicate(timeout=TIMEOUT)
+    assert later.returncode == 0, err
+    doc = json.loads(pstore.trace_path("mono").read_bytes())
+    assert doc["status"] == "crashed" and doc == pstore.load("mono")
+    assert (lock_held, first, out) == (True, "waiting for the compaction lock\n", "done rewritten=False\n")
 
 
 CONCURRENT_COMPACT = textwrap.dedent("""

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from syscall_trace import WRITES, TraceLog, Tracer, covering_flush, flushes_of, writes_of
 
 import walspan
 from walspan import _fsutil, _shm
@@ -54,6 +55,11 @@ _WRITER = textwrap.dedent(
     from walspan import _format, _fsutil, _shm
     store_dir, durability, idx, n_ops, die_unsynced = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
     max_pad = int(sys.argv[6])
+    if "WALSPAN_SYSCALL_LOG" in os.environ:
+        from syscall_trace import mark  # under the syscall tracer: each ack goes into its log too
+    else:
+        def mark(text):
+            pass
     store = walspan.Store(store_dir, durability=durability, install_hooks=False)
     wal = str(store.wal_path("s"))
     state = {"synced": 0, "dying": False}
@@ -78,6 +84,7 @@ _WRITER = textwrap.dedent(
             out["durable_end"] = durable_end()
         sys.stdout.write(json.dumps(out) + "\\n")
         sys.stdout.flush()
+        mark(f"ack {idx} {n}")
 
     rng = random.Random(idx)
     trace = store.open("s")
@@ -95,18 +102,23 @@ _WRITER = textwrap.dedent(
 
 
 def run_writers(
-    store_dir: Path, durability: str, n_ops: int, writers: int = 1, die_unsynced: bool = False, max_pad: int = 700
+    store_dir: Path, durability: str, n_ops: int, writers: int = 1, die_unsynced: bool = False, max_pad: int = 700,
+    tracer: Tracer | None = None, log: Path | None = None,
 ) -> dict[int, list[dict[str, Any]]]:
     """Run writer processes concurrently on session "s" (events padded with up to max_pad
-    bytes); return each one's acknowledgements."""
+    bytes); return each one's acknowledgements. With a tracer, they run under it, logging to
+    `log` (each ack is also a mark "ack <writer> <n>" there)."""
     store_dir.mkdir(parents=True, exist_ok=True)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _WRITER, str(store_dir), durability, str(i), str(n_ops), "1" if die_unsynced else "0", str(max_pad)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for i in range(writers)
-    ]
+    procs = []
+    for i in range(writers):
+        argv = [str(store_dir), durability, str(i), str(n_ops), "1" if die_unsynced else "0", str(max_pad)]
+        if tracer is None:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-c", _WRITER, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            ))
+        else:
+            assert log is not None
+            procs.append(tracer.spawn(_WRITER, *argv, log=log, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     acks = {}
     for i, p in enumerate(procs):
         out, err = p.communicate(timeout=120)
@@ -261,18 +273,31 @@ def test_wal_cut_at_every_offset_reopens_and_appends_without_recover(tmp_path: P
 # == (b) power loss ===========================================================================
 
 
-def test_durable_acknowledged_means_below_the_last_fdatasync(tmp_path: Path) -> None:
-    """Durable mode, two writers sharing one WAL (group commit): when an append returns, both the
-    writer's own fdatasync position and the shared durable_end already cover the record
-    (invariant 1; DESIGN.md §5)."""
+def test_durable_acknowledged_means_below_the_last_fdatasync(tmp_path: Path, syscall_tracer: Tracer) -> None:
+    """Durable mode, two writers sharing one WAL (group commit), traced at the system-call level:
+    when an append returns, a successful fdatasync of the WAL's own path, by that writer or the
+    other, began after the pwrite of the record's bytes completed and ended before the
+    acknowledgement; and the shared durable_end covers the record (invariant 1; DESIGN.md §5)."""
     src = tmp_path / "src"
-    acks = run_writers(src, "durable", n_ops=40, writers=2)
+    log_path = tmp_path / "trace.log"
+    acks = run_writers(src, "durable", n_ops=40, writers=2, tracer=syscall_tracer, log=log_path)
+    log = TraceLog.read(log_path)
+    wal = str(src / "s.wal")
     records, _ = tagged_records(src / "s.wal")
-    end_of = {tag: end for _o, end, tag in records if tag is not None}
+    span_of = {tag: (off, end) for off, end, tag in records if tag is not None}
+    flushes = flushes_of(log, wal)
+    writes = [c for c in log.on(wal, WRITES) if c.ok]
+    marks = log.marks("ack ")
+    assert len(marks) == 2 * 40
+    for m in marks:
+        _, w, n = m.text.split(" ")
+        off, end = span_of[(int(w), int(n))]
+        written = writes_of([c for c in writes if c.pid == m.pid], wal, off, end, before=m.index)[0]
+        assert covering_flush(flushes, written, m) is not None, f"{m}: [{off}, {end}) written by {written}, never flushed"
     for w, lst in acks.items():
         for a in lst:
-            assert a["durable_end"] >= end_of[(w, a["n"])], (w, a)
-    assert shm_durable_end(src) >= max(end_of.values())
+            assert a["durable_end"] >= span_of[(w, a["n"])][1], (w, a)
+    assert shm_durable_end(src) >= max(end for _off, end in span_of.values())
 
 
 def test_durable_power_loss_keeps_every_acknowledged_event(tmp_path: Path) -> None:
