@@ -223,3 +223,31 @@ def test_verify_goes_on_past_an_unreadable_json(tmp_path: Path, capsys: pytest.C
     cap = capsys.readouterr()
     assert cap.err == ""
     assert f"ERROR session 'ses/1': {bad}" in cap.out and "2 WAL(s) checked, 1 with errors" in cap.out
+
+
+@pytest.mark.parametrize("command", [["show", "STORE", "ses/1"], ["repair", "STORE", "ses/1"], ["ls", "STORE"], ["verify", "STORE"]])
+def test_an_unreadable_store_says_permission_denied(tmp_path: Path, command: list[str]) -> None:
+    """A store the user may not read is "permission denied" naming the path, one line, exit 1:
+    never "no trace" or "no such directory" (which would send the user looking for a typo).
+    The command runs without the capabilities that let root read anything (util-linux's
+    setpriv), against a store whose mode is 000."""
+    import shutil
+
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or os.geteuid() != 0:
+        pytest.skip("needs root and util-linux's setpriv to drop the permission-override capabilities")
+    store_dir = tmp_path / "traces"
+    _demo(store_dir)
+    os.chmod(store_dir, 0)
+    try:
+        args = [str(store_dir) if a == "STORE" else a for a in command]
+        proc = subprocess.run(
+            [setpriv, "--bounding-set", "-dac_override,-dac_read_search", "--", sys.executable, "-c",
+             "import sys; from walspan.cli import main; sys.exit(main(sys.argv[1:]))", *args],
+            capture_output=True, text=True, timeout=60,
+        )
+    finally:
+        os.chmod(store_dir, 0o700)
+    assert proc.returncode == 1, proc.stderr
+    line = _one_error_line(proc.stderr)
+    assert "Permission denied" in line and str(store_dir) in line, line

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shlex
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,9 +27,12 @@ class UsageError(Exception):
 
 
 def _existing_dir(path: str) -> str:
-    if not os.path.exists(path):
-        raise UsageError(f"no such directory: {path}")
-    if not os.path.isdir(path):
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UsageError(f"no such directory: {path}") from None
+    # any other OSError (permission denied, ...) is the answer the user needs: it propagates
+    if not stat.S_ISDIR(st.st_mode):
         raise UsageError(f"not a directory: {path}")
     return path
 
