@@ -195,3 +195,29 @@ def test_store_verify_reports_damage_and_changes_nothing(tmp_path: Path) -> None
     assert not report.ok
     assert len(report.errors) == 1 and str(wal) in report.errors[0] and f"offset {bad}" in report.errors[0]
     assert wal.read_bytes() == before
+
+
+def test_repair_moves_a_tail_larger_than_its_copy_chunk_intact(tmp_path: Path) -> None:
+    """Damage early in a WAL of about 20 MiB: the evidence copy (made in chunks, never held
+    whole in memory) holds every byte from the damage on, unchanged, across chunk boundaries."""
+    from walspan import _fsutil
+
+    store = walspan.Store(tmp_path / "d", durability="process", install_hooks=False)
+    t = store.open("s")
+    for i in range(20):
+        t.start_span(f"big{i}", input=f"{i:02d}" * (512 << 10)).end()
+    t.close()
+    wal = store.wal_path("s")
+    offsets = record_offsets(wal)
+    bad = offsets[3]
+    with open(wal, "r+b") as f:
+        f.seek(bad + RECORD_HEADER_SIZE + 7)
+        b = f.read(1)
+        f.seek(bad + RECORD_HEADER_SIZE + 7)
+        f.write(bytes([b[0] ^ 0x40]))
+    before = wal.read_bytes()
+    assert len(before) - bad > 2 * _fsutil._COPY_CHUNK
+    result = store.repair("s")
+    assert result is not None and result.offset == bad and result.moved == len(before) - bad
+    assert Path(f"{wal}.broken-{bad}").read_bytes() == before[bad:]
+    assert wal.read_bytes() == before[:bad]

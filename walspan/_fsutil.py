@@ -101,12 +101,33 @@ def tmp_name(final: str) -> str:
     return f"{final}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def _write_synced_tmp(final: str, data: bytes) -> str:
-    """A new temporary file beside `final` holding `data`, fsynced; its path."""
+#: A source range to copy: (file descriptor, offset, length), read in chunks, never whole.
+FileRange = tuple[int, int, int]
+_COPY_CHUNK = 8 << 20
+
+
+def _copy_range(dst: int, src: FileRange, path: str) -> None:
+    fd, offset, length = src
+    done = 0
+    while done < length:
+        chunk = os.pread(fd, min(_COPY_CHUNK, length - done), offset + done)
+        if not chunk:
+            raise OSError(errno.EIO, f"the source ended {length - done} bytes early", path)
+        write_all(dst, chunk, done, path)
+        done += len(chunk)
+
+
+def _write_synced_tmp(final: str, data: bytes | FileRange) -> str:
+    """A new temporary file beside `final` holding `data` (bytes, or a range of another file
+    copied in chunks, so a large one is never held in memory), fsynced; its path."""
     tmp = tmp_name(final)
     fd = open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
-        write_all(fd, data, 0, tmp)
+        if isinstance(data, tuple):
+            faults("write", tmp)
+            _copy_range(fd, data, tmp)
+        else:
+            write_all(fd, data, 0, tmp)
         sync_data(fd, tmp)
     except BaseException:
         os.close(fd)
@@ -135,7 +156,7 @@ def atomic_replace(final: str, data: bytes, *, before_rename: Callable[[], None]
     fsync_dir(directory)
 
 
-def create_exclusive(final: str, data: bytes) -> bool:
+def create_exclusive(final: str, data: bytes | FileRange) -> bool:
     """Create `final` holding `data`, durably, only if it does not exist. True if we created it.
 
     The content is complete before the name appears (tmp + fsync + link), so no reader ever

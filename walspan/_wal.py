@@ -93,8 +93,7 @@ def create_wal(wal_path: str, salt: int, first_records: bytes) -> bool:
 def keep_evidence(path: str, fd: int, offset: int, label: str) -> str:
     """Copy every byte of the file from `offset` on to a new file `<path>.<label>-<offset>`
     (with a numeric suffix if that exists: evidence is never overwritten), durably."""
-    size = os.fstat(fd).st_size
-    data = os.pread(fd, size - offset, offset)
+    data = (fd, offset, os.fstat(fd).st_size - offset)  # copied in chunks: it may be large
     base = f"{path}.{label}-{offset}"
     n = 0
     while True:
