@@ -228,3 +228,36 @@ def test_the_reported_case_a_quarter_into_a_real_sized_wal(tmp_path: Path, n: in
     data = bytearray(wal.data)
     data[at] ^= 0x04
     assert judge(tmp_path, wal, bytes(data)) == ("corrupt", wal.offsets[record_holding(wal, at)])
+
+
+def test_a_record_found_across_the_search_chunk_boundary_is_confirmed_whole(tmp_path: Path) -> None:
+    """The search after a damaged header reads the file in 8 MiB chunks; a later record whose
+    header lies in one chunk and whose payload runs into the next is read whole and confirmed
+    (the verdict: corruption at the damaged record), not skipped as cut short."""
+    from walspan import _reader
+
+    salt = 0xABCDEF
+    head = encode_file_header(salt)
+    first = encode_record(salt, META, 1, b"\x00" * (_reader._SEARCH_CHUNK - 1000 - RECORD_HEADER_SIZE))
+    second = encode_record(salt, META, 2, os.urandom(3 << 20))
+    data = bytearray(head + first + second)
+    offsets = [len(head), len(head) + len(first)]
+    data[offsets[0] + 6] ^= 0x01  # the first record's length field: its header is damaged
+    wal = Wal(bytes(data), offsets, [offsets[1], len(data)], 0, salt)
+    # the search starts at offsets[0] + 1: the second record's header sits ~1000 bytes before
+    # the end of that first chunk, its payload runs 3 MiB past it
+    assert offsets[1] + RECORD_HEADER_SIZE < offsets[0] + 1 + _reader._SEARCH_CHUNK < len(data)
+    assert judge(tmp_path, wal, bytes(data)) == ("corrupt", offsets[0])
+
+
+def test_an_older_copy_of_a_record_after_the_damage_is_no_later_record(tmp_path: Path) -> None:
+    """Garbage after the last record that happens to hold an intact copy of an earlier record
+    (stale data in a block a power loss left behind) has a sequence number at or below the
+    last valid one: it proves nothing was written after the damage, so the verdict stays a torn
+    tail."""
+    wal = build(random.Random(5), 50, 0)
+    stale = wal.data[wal.offsets[10] : wal.ends[10]]
+    previous = wal.data[wal.offsets[-2] : wal.ends[-2]]  # the same seq as the last valid record
+    for copy in (stale, previous):
+        data = wal.data[: wal.offsets[-1]] + b"\xee" * 7 + copy
+        assert judge(tmp_path, wal, data) == ("prefix", 49)
