@@ -222,3 +222,37 @@ def test_an_fdatasync_failure_seen_by_one_writer_stops_every_writer(tmp_path: Pa
     b.close()
     with pytest.raises(walspan.DurabilityError):  # A's own handle stays failed: it cannot detach
         a.close()
+
+
+def test_after_a_reboot_only_durable_end_vouches_for_the_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """written_end vouches for complete writes only within the kernel run that made them (they
+    sat in the page cache); after a reboot, a damaged last record past durable_end is what a
+    power loss leaves, a torn tail for every reader, while the same damage below durable_end
+    is corruption."""
+    store = walspan.Store(tmp_path, install_hooks=False)  # durable: these are fdatasynced
+    t = store.open(SID)
+    fill(t, 3)
+    t.close()
+    store.close()
+    later = walspan.Store(tmp_path, durability="process", install_hooks=False)  # these are not
+    t = later.open(SID)
+    fill(t, 3, "p")
+    t.close()
+    later.close()
+    wal = store.wal_path(SID)
+    recs = record_offsets(wal)
+    st = state(store)
+    assert st is not None and st.durable_end < recs[-1][0] < st.written_end
+    flip_byte(wal, recs[-1][0] + RECORD_HEADER_SIZE + 3)
+    with pytest.raises(walspan.CorruptWALError):  # this run: written_end vouches for it
+        walspan.Store(tmp_path, install_hooks=False).load(SID)
+    monkeypatch.setattr(_shm, "boot_id", lambda: b"another-boot-id!")
+    doc = walspan.Store(tmp_path, install_hooks=False).load(SID)  # after a reboot: a torn tail
+    assert len(doc["spans"]) == 6 and doc["wal"]["offset"] == recs[-1][0]
+    # (the last record is the process-level writer's detach: past durable_end)
+    flip_byte(wal, recs[-1][0] + RECORD_HEADER_SIZE + 3)  # undo; now damage below durable_end
+    inside, inside_end, _t, _s = [r for r in recs if r[1] <= st.durable_end][-1]
+    os.truncate(wal, inside_end)  # the fdatasynced record is now the last one...
+    flip_byte(wal, inside + RECORD_HEADER_SIZE + 1)  # ...and it is damaged: nothing written after
+    with pytest.raises(walspan.CorruptWALError):
+        walspan.Store(tmp_path, install_hooks=False).load(SID)

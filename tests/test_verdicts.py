@@ -261,3 +261,32 @@ def test_an_older_copy_of_a_record_after_the_damage_is_no_later_record(tmp_path:
     for copy in (stale, previous):
         data = wal.data[: wal.offsets[-1]] + b"\xee" * 7 + copy
         assert judge(tmp_path, wal, data) == ("prefix", 49)
+
+
+def test_a_record_completed_while_the_reader_judges_it_is_read_not_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader that takes no lock can see a record before its writer has finished it. If, by
+    the time the reader searches past it, the record is whole and more records follow (the
+    writer finished and went on), the reader reads it again instead of reporting corruption."""
+    from walspan import _reader
+
+    wal = build(random.Random(9), 30, 0)
+    k = 20
+    p = tmp_path / "w.wal"
+    p.write_bytes(wal.data[: wal.offsets[k]] + bytes(RECORD_HEADER_SIZE) + wal.data[wal.offsets[k] + RECORD_HEADER_SIZE : wal.ends[k]])
+    real = _reader.find_valid_record
+    calls = []
+
+    def writer_finishes_first(fd: int, start: int, keys: object, last_seq: int) -> object:
+        calls.append(start)
+        p.write_bytes(wal.data)  # the header lands, and the records after it
+        return real(fd, start, keys, last_seq)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_reader, "find_valid_record", writer_finishes_first)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        got = [off for off, *_ in iter_records(fd, ScanState(str(p)), decode_types=frozenset())]
+    finally:
+        os.close(fd)
+    assert calls and got == wal.offsets
