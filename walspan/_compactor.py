@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from . import _fsutil, _locking
+from . import _fsutil, _locking, _summary
 from ._fold import TraceFold, dumps
 from ._format import FILE_HEADER_SIZE, unpack_payload
 from ._reader import ScanState, iter_records, read_header, record_at
@@ -126,6 +126,7 @@ def compact(store_dir: str, stem: str) -> tuple[str, bool]:
         try:
             fold, _scan, matched = _fold_fd(wal_fd, wal_path, checkpoint, None)
             if matched and old_seq is not None and old_seq >= fold.seq:
+                _ensure_summary(store_dir, stem, fold)
                 return json_path, False  # monotonic: the JSON already reflects at least this much
             if checkpoint is not None and not matched:
                 # The JSON reflects records this WAL does not hold (another WAL under the same
@@ -141,6 +142,7 @@ def compact(store_dir: str, stem: str) -> tuple[str, bool]:
         data = dumps(fold.to_dict())
         hook = before_rename
         _fsutil.atomic_replace(json_path, data, before_rename=(lambda: hook(json_path)) if hook else None)
+        _summary.write_summary(store_dir, stem, fold)  # a cache for `ls`, after the JSON it describes
         return json_path, True
     finally:
         # Unlock explicitly: a fork() child (another thread forked meanwhile) holds a copy of
@@ -149,3 +151,12 @@ def compact(store_dir: str, stem: str) -> tuple[str, bool]:
             _locking.unlock(lock_fd)
         finally:
             os.close(lock_fd)
+
+
+# -- the summary side file (walspan/_summary.py) ----------------------------------------------
+
+
+def _ensure_summary(store_dir: str, stem: str, fold: TraceFold) -> None:
+    """A JSON already up to date may predate summaries: write one if it is missing."""
+    if not os.path.exists(_summary.summary_path(store_dir, stem)):
+        _summary.write_summary(store_dir, stem, fold)
