@@ -115,14 +115,19 @@ def _spans_of(fold: TraceFold) -> Iterable[dict[str, Any]]:
     return spans.values()
 
 
-def iter_canonical(fold: TraceFold, batch: int = 512) -> Iterator[bytes]:
-    """The canonical JSON of `fold` (`_fold.dumps(fold.to_dict())`), in pieces."""
+def fields_of(fold: TraceFold) -> dict[str, Any]:
+    """`fold.to_dict()` with an empty span list, without unpacking a span."""
     spans = fold.spans
     fold.spans = {}  # the real to_dict() gives every other field, whatever its shape
     try:
-        doc = fold.to_dict()
+        return fold.to_dict()
     finally:
         fold.spans = spans
+
+
+def iter_canonical(fold: TraceFold, batch: int = 512) -> Iterator[bytes]:
+    """The canonical JSON of `fold` (`_fold.dumps(fold.to_dict())`), in pieces."""
+    doc = fields_of(fold)
     # the same options as _fold.dumps: an encoder is context-free, so a value encoded on its
     # own is byte-for-byte the text it has inside the whole document
     encode = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False).encode

@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from .. import _fsutil
+from .._format import unpack_payload
 from .._names import decode_stem, encode_session_id
 from .._reader import ScanState, iter_records
-from .._format import unpack_payload
 from ..errors import CorruptWALError, CursorMismatchError
 from ._records import Cursor, Record, cursor_matches_fd, end_cursor_fd, iter_fd
 

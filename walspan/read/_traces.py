@@ -17,7 +17,7 @@ from typing import Any
 
 from .. import _fsutil, _liveness
 from .._fold import RUNNING, TraceFold
-from .._leanfold import PackedSpans, fold_wal_lean, iter_canonical
+from .._leanfold import PackedSpans, fields_of, fold_wal_lean, iter_canonical
 from .._names import decode_stem, encode_session_id
 from .._summary import read_summary, summarize
 from .._wal import internal_dir
@@ -196,12 +196,7 @@ class TraceView:
                 raise
             raise OSError(exc.errno, exc.strerror, path) from exc
         self.path = path
-        spans = self._fold.spans
-        self._fold.spans = {}
-        try:
-            self.info = self._fold.to_dict()
-        finally:
-            self._fold.spans = spans
+        self.info = fields_of(self._fold)
         del self.info["spans"]
 
     @property
