@@ -54,6 +54,7 @@ class PackedSpans(MutableMapping[str, dict[str, Any]]):
         data = self._packed[key]  # KeyError for an unknown span, as a dict would raise
         assert data is not None
         d = _unpack(data)
+        self._packed[key] = None  # the cached dict is the value now (it may be mutated)
         self._keep(key, d)
         return d
 
@@ -84,7 +85,7 @@ class PackedSpans(MutableMapping[str, dict[str, Any]]):
     def iter_values(self) -> Iterator[dict[str, Any]]:
         """Every span in insertion order, unpacked one at a time (the cache is left alone)."""
         for key, data in self._packed.items():
-            yield self._cache[key] if data is None else _unpack(data)
+            yield _unpack(data) if data is not None else self._cache[key]
 
 
 class LeanFold(TraceFold):

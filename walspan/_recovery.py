@@ -47,6 +47,7 @@ class RecoveryReport:
     actions: list[RecoveryAction] = field(default_factory=list)
     corrupt: list[CorruptWALError] = field(default_factory=list)
     unreadable: list[OSError] = field(default_factory=list)  # e.g. a directory named S.wal
+    compacted: list[str] = field(default_factory=list)  # paths of the JSON files written
 
     @property
     def crashed(self) -> list[str]:
@@ -54,7 +55,7 @@ class RecoveryReport:
 
     @property
     def changed(self) -> bool:
-        return bool(self.actions)
+        return bool(self.actions or self.compacted)
 
 
 def _fmt_ns(ns: int | None) -> str:
@@ -175,7 +176,9 @@ def _recover_session(store: Store, session_id: str, report: RecoveryReport) -> N
         handle.close()
     json_path = os.path.join(store.directory, stem + ".json")
     if changed or not os.path.exists(json_path):
-        _compactor.compact(store.directory, stem)
+        written, rewritten = _compactor.compact(store.directory, stem)
+        if rewritten:
+            report.compacted.append(written)
 
 
 def _record_time(handle: WalHandle, offset: int) -> int | None:

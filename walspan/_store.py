@@ -17,7 +17,7 @@ from ._format import RecordType, encode_record, pack_payload, unpack_payload
 from ._names import check_session_id, decode_stem, encode_session_id
 from ._values import DEFAULT_MAX_VALUE_BYTES, cap_str, clean_mapping
 from ._wal import LockedWal, WalHandle, WriterScan, check_durability, create_wal, internal_dir
-from .errors import DurabilityError, SessionNotFoundError, TraceClosedError, WalspanError
+from .errors import ClosedError, DurabilityError, SessionNotFoundError, TraceClosedError, WalspanError
 
 if TYPE_CHECKING:
     from ._recovery import RecoveryReport
@@ -88,6 +88,7 @@ class Store:
         self._sessions: dict[str, _Session] = {}
         self._handles: OrderedDict[str, WalHandle] = OrderedDict()
         self._writer: _liveness.ProcessWriter | None = None
+        self._closed = False  # close() was called: no more attaching through this Store
         _hooks.register(self)
 
     def __repr__(self) -> str:
@@ -181,6 +182,7 @@ class Store:
         from ._trace import Trace
 
         check_session_id(session_id)
+        self._check_open()
         meta = clean_mapping(metadata, "metadata", self.max_value_bytes)
         session = self._session(session_id)
         with _hooks.busy():
@@ -210,7 +212,7 @@ class Store:
             records = encode_record(salt, _T.TRACE_START, 1, pack_payload(first))
             records += encode_record(salt, _T.WRITER_ATTACH, 2, pack_payload(attach))
             created = create_wal(wal_path, salt, records)
-        h = self._acquire_handle(session.stem)
+        h = self._current_handle(session)
         try:
             already = session.attached_pid == os.getpid() or created
             # the whole log is read for its writer records outside the lock; under it, the tail
@@ -237,6 +239,23 @@ class Store:
         finally:
             self._release_handle(h)
 
+    def _current_handle(self, session: _Session) -> WalHandle:
+        """The cached handle of the session's WAL, unless the file under that name is another
+        one now (the session was pruned and created anew): then the stale handle is retired."""
+        h = self._acquire_handle(session.stem)
+        try:
+            if os.path.samestat(os.fstat(h.fd), os.stat(h.path)):
+                return h
+        except FileNotFoundError:
+            pass  # removed: a fresh handle says so (or finds the file created meanwhile)
+        with self._lock:
+            if self._handles.get(session.stem) is h:
+                del self._handles[session.stem]
+                h.retired = True
+        self._release_handle(h)
+        session.trace_id = ""  # another trace lives under this session id now
+        return self._acquire_handle(session.stem)
+
     def _mark_lost_writers(self, wal: LockedWal, own_writer_id: str, pre: WriterScan | None) -> list[dict[str, Any]]:
         """Under the append lock: record every attached writer proven dead as lost."""
         attached = wal.attached_writers(pre).attached
@@ -255,9 +274,10 @@ class Store:
         """Append one record for this process's writer; returns its sequence number."""
         if session.failed is not None:
             raise session.failed
+        self._check_open()
         with _hooks.busy():
             if session.attached_pid != os.getpid():
-                self._attach(session, None)  # a fork child, or after close(): attach anew
+                self._attach(session, None)  # a fork child (or after end()): attach anew
             writer = self._writer
             assert writer is not None
             payload["writer"] = writer.writer_id
@@ -377,7 +397,19 @@ class Store:
 
     def close(self) -> None:
         """Detach every trace this process attached through this store (none is ended), and
-        release descriptors. The traces stay open for later writers (idle, not crashed)."""
+        release descriptors. The traces stay open for later writers (idle, not crashed).
+        Attaching through this Store afterwards (open(), or a Trace it gave) raises
+        ClosedError; reading (load, verify, compact, recover) still works."""
+        self._closed = True
+        self._release()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"{self!r} was closed; nothing was written (make a new Store to attach again)")
+
+    def _release(self) -> None:
+        """close() without closing: the exit-time detach, after which a late append (an atexit
+        handler registered before walspan's) may still attach again."""
         with self._lock:
             sessions = [s for s in self._sessions.values() if s.attached_pid == os.getpid()]
         first_error: BaseException | None = None

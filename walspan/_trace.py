@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -13,11 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 from ._format import RecordType
 from ._values import check_name, clean, clean_mapping
+from .errors import ClosedError
 
 if TYPE_CHECKING:
     from ._store import Store, _Session
 
 _T = RecordType
+log = logging.getLogger("walspan")
 ENV_VAR = "WALSPAN_CONTEXT"
 TRACEPARENT_VAR = "TRACEPARENT"
 SPAN_STATUSES = ("ok", "error")
@@ -39,6 +42,7 @@ class Trace:
         self._session = session
         self.default_parent = default_parent
         self._closed = False
+        self._detached = False  # close() was called: this object may not attach again
 
     @property
     def session_id(self) -> str:
@@ -69,6 +73,7 @@ class Trace:
         """Start a span. The parent defaults to the current span of this thread/task in this
         trace (or the context handed over by attach_from_env); pass parent=None for a root,
         or a Span / 16-hex span id, possibly from another process."""
+        self._check_attached()
         limit = self._store.max_value_bytes
         name = check_name(name, "span name")
         kind = check_name(kind, "span kind")
@@ -109,6 +114,7 @@ class Trace:
 
     def set_metadata(self, metadata: dict[str, Any] | None = None, /, **fields: Any) -> None:
         """Merge fields into the trace's metadata."""
+        self._check_attached()
         merged = dict(metadata or {}, **fields)
         clean_meta = clean_mapping(merged, "metadata", self._store.max_value_bytes)
         self._store._append(self._session, _T.METADATA, {"metadata": clean_meta, "time": time.time_ns()})
@@ -116,6 +122,7 @@ class Trace:
     def end(self, status: str = "completed", message: str | None = None) -> Path:
         """Append the terminal record (if none exists: first terminal record wins, else
         TraceClosedError), compact, and return the canonical JSON's path."""
+        self._check_attached()
         if message is not None:
             message = check_name(message, "message", self._store.max_value_bytes)
         path = self._store._terminate(self._session, status, message)
@@ -131,13 +138,21 @@ class Trace:
         if self._closed:
             return
         self._closed = True
+        self._detached = True
         self._store._detach(self._session)
+
+    def _check_attached(self) -> None:
+        if self._detached:
+            raise ClosedError(
+                f"trace of session {self.session_id!r} was closed (detached); nothing was written. "
+                f"Attach again with store.open({self.session_id!r})"
+            )
 
     def __enter__(self) -> Trace:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        _exit_keeping_theirs(self.close, exc_type, "detaching from the trace")
 
     # -- handing the trace to a child process ---------------------------------------------
 
@@ -210,6 +225,7 @@ class Span:
         return self._ended
 
     def _append(self, rtype: int, payload: dict[str, Any]) -> None:
+        self.trace._check_attached()
         self.trace.store._append(self.trace._session, rtype, payload)
 
     def __enter__(self) -> Span:
@@ -229,7 +245,27 @@ class Span:
             if exc_type is None:
                 self.end("ok")
             else:
-                self.end("error", f"{exc_type.__name__}: {exc}")
+                _exit_keeping_theirs(lambda: self.end("error", _describe(exc_type, exc)), exc_type, f"ending span {self.name!r}")
+
+
+def _describe(exc_type: type[BaseException], exc: BaseException | None) -> str:
+    try:
+        return f"{exc_type.__name__}: {exc}"
+    except Exception:  # noqa: BLE001 - an exception whose __str__ raises
+        return exc_type.__name__
+
+
+def _exit_keeping_theirs(action: Any, exc_type: type[BaseException] | None, what: str) -> None:
+    """Run a context manager's exit action. With no exception in flight, its errors propagate;
+    with one in flight (the caller's), ours is logged and theirs goes on unchanged: walspan
+    never replaces an application's exception with its own."""
+    if exc_type is None:
+        action()
+        return
+    try:
+        action()
+    except Exception as ours:  # noqa: BLE001 - logged; the caller's exception propagates
+        log.warning("walspan: %s failed while %s propagated: %s: %s", what, exc_type.__name__, type(ours).__name__, ours)
 
 
 def attach_from_env(environ: dict[str, str] | None = None, **store_kwargs: Any) -> Trace | None:

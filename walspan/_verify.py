@@ -8,12 +8,11 @@ than the WAL's valid prefix, and it is byte-for-byte what folding that prefix gi
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 
-from ._compactor import fold_wal
-from ._fold import dumps
+from ._fold import TraceFold
+from ._leanfold import fold_wal_lean, iter_canonical, read_wal_section, stream_equals
 from ._names import decode_stem
 from .errors import CorruptWALError
 
@@ -51,7 +50,7 @@ class VerifyReport:
 def verify_wal(wal_path: str) -> FileCheck:
     check = FileCheck(wal_path)
     try:
-        fold, scan = fold_wal(wal_path)
+        fold, scan = fold_wal_lean(wal_path)  # bounded memory, however large the trace
     except CorruptWALError as exc:
         check.errors.append(str(exc))
         return check
@@ -73,36 +72,40 @@ def verify_wal(wal_path: str) -> FileCheck:
     if decoded is not None and fold.session_id is not None and decoded != fold.session_id:
         check.errors.append(f"{wal_path}: file name encodes session {decoded!r} but the trace says {fold.session_id!r}")
     json_path = wal_path[:-4] + ".json"
-    _verify_json(json_path, wal_path, fold.salt, check)
+    _verify_json(json_path, wal_path, fold, check)
     return check
 
 
-def _verify_json(json_path: str, wal_path: str, salt: int, check: FileCheck) -> None:
+def _verify_json(json_path: str, wal_path: str, fold: TraceFold, check: FileCheck) -> None:
     try:
-        with open(json_path, "rb") as f:
-            raw = f.read()
+        f = open(json_path, "rb")  # noqa: SIM115 - closed below; opening is what may fail
     except FileNotFoundError:
         check.notes.append(f"{json_path}: not compacted yet")
         return
     except OSError as exc:  # e.g. a directory in its place: an error on this file, not an abort
         check.errors.append(f"{json_path}: cannot read: {exc.strerror or exc}")
         return
-    try:
-        doc = json.loads(raw)
-        wal = doc["wal"]
-        offset, jsalt = int(wal["offset"]), int(wal["salt"], 16)
-    except (ValueError, KeyError, TypeError) as exc:
-        check.errors.append(f"{json_path}: not a valid canonical trace: {exc}")
-        return
-    if jsalt != salt:
-        check.errors.append(f"{json_path}: describes another WAL (salt {jsalt:016x}, WAL has {salt:016x})")
-        return
-    if offset > check.valid_end:
-        check.errors.append(f"{json_path}: reflects WAL offset {offset}, beyond its valid end {check.valid_end}")
-        return
-    fold, _ = fold_wal(wal_path, upto=offset)
-    if dumps(fold.to_dict()) != raw:
-        check.errors.append(f"{json_path}: differs from the fold of the WAL up to offset {offset}")
+    with f:
+        # The JSON is compared as a stream with the fold's canonical bytes: neither document is
+        # ever whole in memory. Only its `wal` section is parsed, from the end of the file.
+        try:
+            wal = read_wal_section(f, os.fstat(f.fileno()).st_size)
+            offset, jsalt = int(wal["offset"]), int(wal["salt"], 16)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            check.errors.append(f"{json_path}: not a valid canonical trace: {exc}")
+            return
+        salt = fold.salt
+        if jsalt != salt:
+            check.errors.append(f"{json_path}: describes another WAL (salt {jsalt:016x}, WAL has {salt:016x})")
+            return
+        if offset > check.valid_end:
+            check.errors.append(f"{json_path}: reflects WAL offset {offset}, beyond its valid end {check.valid_end}")
+            return
+        if offset != fold.offset:
+            fold, _ = fold_wal_lean(wal_path, upto=offset)
+        f.seek(0)
+        if not stream_equals(iter_canonical(fold), f):
+            check.errors.append(f"{json_path}: differs from the fold of the WAL up to offset {offset}")
 
 
 def verify_dir(directory: str) -> VerifyReport:

@@ -30,7 +30,19 @@ one), `TraceView(directory, session_id)` (the folded trace in bounded memory).
 from ..errors import CorruptWALError, CursorMismatchError, SessionNotFoundError
 from ._follow import Follower, Notice
 from ._records import Cursor, Record, check_cursor, end_cursor, read_records, type_name
-from ._traces import DEAD, IDLE, LIVE, TraceSummary, TraceView, iso_time, list_stems, summaries, summary
+from ._traces import (
+    DEAD,
+    IDLE,
+    LIVE,
+    TraceSummary,
+    TraceView,
+    iso_time,
+    list_stems,
+    liveness,
+    summaries,
+    summarize_stem,
+    summary,
+)
 
 __all__ = [
     "DEAD",
@@ -49,8 +61,10 @@ __all__ = [
     "end_cursor",
     "iso_time",
     "list_stems",
+    "liveness",
     "read_records",
     "summaries",
+    "summarize_stem",
     "summary",
     "type_name",
 ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .. import _fsutil, _liveness
@@ -59,6 +59,7 @@ class TraceSummary:
     wal_bytes: int = 0
     source: str = "fold"
     error: str | None = None
+    attached: list[dict[str, Any]] = field(default_factory=list, repr=False)  # writer_id, host, pid, process_start_time
 
     @property
     def ok(self) -> bool:
@@ -110,7 +111,6 @@ def summarize_stem(directory: str | os.PathLike[str], stem: str) -> TraceSummary
         else:
             fold, _scan = fold_wal_lean(path)
             doc = summarize(fold, 0)
-            doc["attached"] = [w for w in fold.writers.values() if w.get("state") == "attached"]
             source = "fold"
     except CorruptWALError as exc:
         return TraceSummary(guess, stem, "corrupt", error=str(exc))
@@ -137,6 +137,7 @@ def summarize_stem(directory: str | os.PathLike[str], stem: str) -> TraceSummary
         writers=int(doc.get("writers") or 0),
         wal_bytes=size,
         source=source,
+        attached=list(doc.get("attached") or []),
     )
 
 
