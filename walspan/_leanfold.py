@@ -92,9 +92,9 @@ class LeanFold(TraceFold):
     """TraceFold with its spans packed (see the module docstring). Use `iter_canonical`
     instead of `to_dict()`, which would unpack every span at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, cache: int = 512) -> None:
         super().__init__()
-        self.spans: PackedSpans = PackedSpans()  # type: ignore[assignment]
+        self.spans: PackedSpans = PackedSpans(cache)  # type: ignore[assignment]
 
 
 def fold_wal_lean(path: str, upto: int | None = None) -> tuple[LeanFold, ScanState]:

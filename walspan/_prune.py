@@ -17,7 +17,7 @@ from typing import Any
 
 from . import _retention
 from ._fold import TERMINAL_STATUSES
-from .read import LIVE, TraceSummary, iso_time, list_stems, liveness, summarize_stem
+from .read import LIVE, TraceSummary, end_cursor, iso_time, list_stems, liveness, read_records, summarize_stem
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -77,7 +77,24 @@ class PruneReport:
 
 
 def _live_writers(directory: str, s: TraceSummary) -> bool:
-    return bool(s.attached) and liveness(directory, s.attached) == LIVE
+    """Whether a writer process attached to the trace is alive. The writer that appended the
+    terminal record does not count: end() leaves it attached in the log (nothing may follow a
+    terminal record, not even its detach) although it is done with the trace."""
+    alive = [w for w in s.attached if liveness(directory, [w]) == LIVE]
+    if alive and s.status in TERMINAL_STATUSES:
+        ender = _terminal_writer(directory, s.session_id)
+        alive = [w for w in alive if w.get("writer_id") != ender]
+    return bool(alive)
+
+
+def _terminal_writer(directory: str, session_id: str) -> str | None:
+    last = None
+    for rec in read_records(directory, session_id, after=end_cursor(directory, session_id, back=1)):
+        last = rec
+    if last is None or last.type != "terminal":
+        return None
+    by = last.payload.get("writer", last.payload.get("by"))
+    return by if isinstance(by, str) else None
 
 
 def prune(

@@ -385,8 +385,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"kept {safe(sid)}: {why}")
     for err in report.errors:
         print(f"walspan: error: {safe(err)}", file=sys.stderr)
-    freed = "would be freed" if args.dry_run else "freed"
-    print(f"{len(report.removed)} trace(s) {verb}, {fmt_bytes(report.bytes_freed)} {freed}")
+    done = ("would be removed", "would be freed") if args.dry_run else ("removed", "freed")
+    print(f"{len(report.removed)} trace(s) {done[0]}, {fmt_bytes(report.bytes_freed)} {done[1]}")
     return 1 if report.errors else 0
 
 
