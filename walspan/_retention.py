@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from . import _fsutil, _locking
 from ._wal import internal_dir
 
-#: Test hook: called with (step, path) just before each removal (steps: json, summary,
-#: broken, shm, lock, compact, fsync, wal).
+#: Test hook: called with (step, path) just before each removal (steps: json, broken, summary,
+#: shm, lock, compact, fsync, wal) and after the WAL's (after-wal).
 step_hook: Callable[[str, str], None] | None = None
 
 _INTERNAL = ("summary", "shm", "lock")  # removed in this order, then the compaction lock file
@@ -97,6 +97,7 @@ def remove_session(store_dir: str, stem: str, still_prunable: Callable[[], bool]
         _fsutil.fsync_dir(internal)
         _fsutil.fsync_dir(store_dir)
         _unlink("wal", os.path.join(store_dir, stem + ".wal"), removed)
+        _step("after-wal", store_dir)
         _fsutil.fsync_dir(store_dir)
         return removed
     finally:
@@ -120,7 +121,7 @@ def orphans(store_dir: str) -> list[str]:
         path = os.path.join(store_dir, name)
         try:
             with open(path, "rb") as f:
-                if f.read(14) != b'{"anomalies":':
+                if f.read(13) != b'{"anomalies":':
                     continue  # not a canonical walspan trace: not ours to remove
                 read_wal_section(f, os.fstat(f.fileno()).st_size)
         except (OSError, ValueError):
