@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -336,20 +336,21 @@ def cmd_tail(args: argparse.Namespace) -> int:
             raise SessionNotFoundError(args.session, path)
     follower = Follower(directory, args.session, from_start=args.from_start, back=0 if args.from_start else args.lines)
     fmt = TailFormatter(as_json=args.json)
-    first = follower.poll()
-    if not args.from_start:  # the last N records of the store as a whole, oldest first
+    if args.from_start:
+        _write_lines(fmt, follower.iter_poll())  # streamed: a whole store may follow
+    else:  # the last N records of the store as a whole (at most N per session), oldest first
+        first = follower.poll()
         notices = [i for i in first if isinstance(i, Notice)]
         records = sorted((i for i in first if isinstance(i, Record)), key=lambda r: (r.time or 0, r.session_id, r.seq))
-        first = [*notices, *records[max(0, len(records) - args.lines) :]]
-    _write_lines(fmt, first)
+        _write_lines(fmt, [*notices, *records[max(0, len(records) - args.lines) :]])
     if not args.follow:
         return 0
     while True:  # until SIGINT (exit 130, quietly) or the reader of the pipe goes away (141)
         time.sleep(args.interval)
-        _write_lines(fmt, follower.poll())
+        _write_lines(fmt, follower.iter_poll())
 
 
-def _write_lines(fmt: TailFormatter, items: Sequence[Record | Notice]) -> None:
+def _write_lines(fmt: TailFormatter, items: Iterable[Record | Notice]) -> None:
     for item in items:
         sys.stdout.write(fmt.line(item) + "\n")
     sys.stdout.flush()

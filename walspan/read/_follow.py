@@ -93,9 +93,9 @@ class Follower:
         return {w.session_id: w.cursor for w in self._watches.values()}
 
     def follow(self, interval: float = 0.25, stop: threading.Event | None = None) -> Iterator[Record | Notice]:
-        """poll() forever, `interval` seconds apart, until `stop` is set."""
+        """iter_poll() forever, `interval` seconds apart, until `stop` is set."""
         while True:
-            yield from self.poll()
+            yield from self.iter_poll()
             if stop is None:
                 time.sleep(interval)
             elif stop.wait(interval):
@@ -103,15 +103,18 @@ class Follower:
 
     def poll(self) -> list[Record | Notice]:
         """One pass over the store: the records appended since the last pass, and notices."""
-        out: list[Record | Notice] = []
+        return list(self.iter_poll())
+
+    def iter_poll(self) -> Iterator[Record | Notice]:
+        """poll(), yielding each record as it is read (memory stays bounded however much was
+        appended). Each session's cursor moves as its records are consumed."""
         stems = self._list()
         for stem in sorted(set(self._watches) - stems):
             w = self._watches.pop(stem)
-            out.append(Notice(w.session_id, "removed", "its log was removed (pruned?)"))
+            yield Notice(w.session_id, "removed", "its log was removed (pruned?)")
         for stem in sorted(stems):
-            self._poll_one(stem, out)
+            yield from self._poll_one(stem)
         self._first = False
-        return out
 
     def _list(self) -> set[str]:
         try:
@@ -123,7 +126,8 @@ class Follower:
             stems &= {self.only}
         return stems
 
-    def _poll_one(self, stem: str, out: list[Record | Notice]) -> None:
+    def _poll_one(self, stem: str) -> Iterator[Record | Notice]:
+        out: list[Record | Notice] = []  # notices about the file itself
         path = os.path.join(self.directory, stem + ".wal")
         try:
             st = os.lstat(path)
@@ -135,6 +139,7 @@ class Follower:
             return
         if not stat.S_ISREG(st.st_mode):
             self._bad_file(stem, f"{path}: not a regular file", out)
+            yield from out
             return
         try:
             fd = _fsutil.open_file(path, os.O_RDONLY)
@@ -142,13 +147,15 @@ class Follower:
             return
         except OSError as exc:
             self._bad_file(stem, f"{path}: {exc.strerror or exc}", out)
+            yield from out
             return
         try:
             if w is None or w.sig is None or w.sig[0] != sig[0]:
                 w = self._start(stem, fd, path, w, out)
+                yield from out
                 if w is None:
                     return
-            self._read(w, fd, path, out)
+            yield from self._read(w, fd, path)
             w.sig = sig
         finally:
             os.close(fd)
@@ -184,21 +191,23 @@ class Follower:
         self._watches[stem] = w
         return w
 
-    def _read(self, w: _Watch, fd: int, path: str, out: list[Record | Notice]) -> None:
+    def _read(self, w: _Watch, fd: int, path: str) -> Iterator[Record | Notice]:
         for _attempt in range(2):
             try:
                 for rec in iter_fd(fd, path, w.session_id, w.cursor):
-                    out.append(rec)
                     w.cursor = rec.cursor
                     w.recent.append(rec.cursor)
+                    yield rec
                 w.error = None
                 return
             except CursorMismatchError as exc:
-                self._resync(w, fd, path, exc, out)
+                notices: list[Record | Notice] = []
+                self._resync(w, fd, path, exc, notices)
+                yield from notices
             except CorruptWALError as exc:
                 if w.error != str(exc):
                     w.error = str(exc)
-                    out.append(Notice(w.session_id, "error", str(exc)))
+                    yield Notice(w.session_id, "error", str(exc))
                 return
 
     def _resync(self, w: _Watch, fd: int, path: str, exc: CursorMismatchError, out: list[Record | Notice]) -> None:
