@@ -129,7 +129,9 @@ def test_fork_child_still_attaches_and_exit_detach_does_not_close(store_dir: Pat
         os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+    s.install_hooks = True  # only hooked stores are detached at exit; just for this call
     _hooks.detach_all()
+    s.install_hooks = False
     t.start_span("after-exit-detach").end()
     doc = s.load("f")
     assert [sp["name"] for sp in doc["spans"]] == ["from-child", "after-exit-detach"]

@@ -170,6 +170,35 @@ def test_cursor_of_a_replaced_log_is_refused(pstore: walspan.Store, store_dir: P
     s2.close()
 
 
+def _same_size_records(trace: walspan.Trace, n: int) -> None:
+    for _ in range(n):
+        trace.set_metadata(k="v")  # same payload length each time: only the time differs
+
+
+def test_cursor_detects_a_log_cut_and_regrown_to_the_same_offsets(pstore: walspan.Store) -> None:
+    """A repair cuts the log below the cursor and as many records of the same length are
+    appended again: the record the cursor points after has the same offset, seq and end, and
+    only its fingerprint tells it apart. The cursor is refused, and so is a summary from
+    before the cut."""
+    t = pstore.open("g")
+    _same_size_records(t, 12)
+    pstore.compact("g")
+    side = Path(pstore.directory) / ".walspan" / "g.summary"
+    stale_summary = side.read_bytes()
+    recs = list(read_records(pstore.directory, "g"))
+    wal = pstore.wal_path("g")
+    size = wal.stat().st_size
+    flip_byte(wal, recs[8].cursor.record + 25)
+    assert pstore.repair("g") is not None
+    _same_size_records(t, len(recs) - 8)
+    again = list(read_records(pstore.directory, "g"))
+    assert wal.stat().st_size == size and again[-1].cursor.to_dict() | {"check": 0} == recs[-1].cursor.to_dict() | {"check": 0}
+    with pytest.raises(CursorMismatchError, match="a different record"):
+        list(read_records(pstore.directory, "g", after=recs[-1].cursor))
+    side.write_bytes(stale_summary)
+    assert summary(pstore.directory, "g").source == "fold"
+
+
 def test_torn_tail_beside_a_reader_is_neither_read_nor_a_mismatch(pstore: walspan.Store) -> None:
     """Garbage after the last record (a writer died mid-write) ends a read quietly; the next
     append truncates it, and the reader's cursor still matches and reads exactly that append."""
@@ -259,6 +288,13 @@ def test_follower_announces_removed_and_replaced_sessions(pstore: walspan.Store,
     items = f.poll()
     assert _notices(items) == [("p", "replaced")] and _seqs(items)[0] == 1
     s3.close()
+    # another trace's bytes written into the same file (same inode): told apart by its trace id
+    elsewhere = walspan.Store(store_dir / "elsewhere", durability="process", install_hooks=False)
+    _trace(elsewhere, "p", 4)
+    elsewhere.close()
+    (store_dir / "p.wal").write_bytes((store_dir / "elsewhere" / "p.wal").read_bytes())
+    items = f.poll()
+    assert _notices(items) == [("p", "replaced")] and _seqs(items) == list(range(1, 16))  # 4 spans, start, attach, detach
 
 
 def test_follower_reports_corruption_once_and_goes_on_after_repair(pstore: walspan.Store, store_dir: Path) -> None:

@@ -159,17 +159,19 @@ def test_tail_follows_a_live_writer_through_compaction_repairs_new_sessions_and_
 
 
 def test_tail_from_the_end_shows_the_last_records_then_only_new_ones(tmp_path: Path) -> None:
-    """Without --from-start tail starts with the last -n records of the store (oldest first) and
-    then prints only what is appended."""
+    """Without --from-start tail starts with the last -n records of the store as a whole (across
+    sessions, oldest first) and then prints only what is appended."""
     store = walspan.Store(tmp_path, durability="process", install_hooks=False)
-    t = store.open("s")
+    s, t = store.open("s"), store.open("t")
     for i in range(20):
+        s.set_metadata(i=i)
         t.set_metadata(i=i)
     tail = _tail(tmp_path, "-n", "3")
     try:
         out = LineReader(tail)
-        assert [r["payload"]["metadata"] for r in _records(out.lines(3))] == [{"i": 17}, {"i": 18}, {"i": 19}]
-        t.set_metadata(i=20)
+        first = _records(out.lines(3))
+        assert [(r["session_id"], r["payload"]["metadata"]) for r in first] == [("t", {"i": 18}), ("s", {"i": 19}), ("t", {"i": 19})]
+        s.set_metadata(i=20)
         assert _records(out.lines(1))[0]["payload"]["metadata"] == {"i": 20}
     finally:
         tail.kill()
