@@ -82,6 +82,12 @@ class PackedSpans(MutableMapping[str, dict[str, Any]]):
             old, d = self._cache.popitem(last=False)
             self._packed[old] = _PACK(d)
 
+    def peek(self, key: str) -> dict[str, Any]:
+        """The span, for reading only: unpacked without entering the cache (no eviction, no
+        re-packing of another span). Mutating the result changes nothing."""
+        data = self._packed[key]
+        return _unpack(data) if data is not None else self._cache[key]
+
     def iter_values(self) -> Iterator[dict[str, Any]]:
         """Every span in insertion order, unpacked one at a time (the cache is left alone)."""
         for key, data in self._packed.items():

@@ -178,7 +178,7 @@ def _print_tree(view: TraceView, args: argparse.Namespace) -> None:
     holding only ids and parents in memory (the spans themselves are unpacked one by one)."""
     spans = view.fold.spans
     children: dict[str | None, list[str]] = {}
-    for sid, span in zip(list(spans), view.spans()):
+    for sid, span in zip(spans, view.spans()):
         parent = span["parent_span_id"]
         children.setdefault(parent if parent in spans else None, []).append(sid)
     limit = args.limit

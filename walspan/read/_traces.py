@@ -214,7 +214,10 @@ class TraceView:
         return spans.iter_values()
 
     def span(self, span_id: str) -> dict[str, Any]:
-        return self._fold.spans[span_id]
+        """One span (KeyError if there is none), unpacked for reading."""
+        spans = self._fold.spans
+        assert isinstance(spans, PackedSpans)
+        return spans.peek(span_id)
 
     def canonical_json(self) -> Iterator[bytes]:
         return iter_canonical(self._fold)
