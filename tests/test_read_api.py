@@ -360,3 +360,81 @@ def test_stale_summary_falls_back_to_folding(pstore: walspan.Store, store_dir: P
     dst.write_bytes(src.read_bytes())
     s = summary(store_dir, "s")
     assert s.source == "fold" and s.trace_id == other.load("s")["trace_id"]
+
+
+# -- the follower's promise, under random interleavings ------------------------------------------
+
+_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["append", "append", "compact", "torn", "damage", "damage"]),
+        st.integers(1, 6),  # how many appends
+        st.floats(0, 1),  # where the damage goes, as a share of the log
+        st.booleans(),  # poll afterwards
+    ),
+    min_size=1,
+    max_size=20,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ops=_OPS, history=st.sampled_from([1, 4, 256]))
+def test_follower_stream_always_rebuilds_the_log(tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, int, float, bool]], history: int) -> None:
+    """Whatever happens beside a follower (appends, compactions, torn tails, damage cut away by a
+    repair or by the next append's torn-tail truncation), replaying its stream, where a `resync`
+    notice drops what followed its seq and a `restart` drops everything, gives exactly the
+    records in the log: consecutive seqs, no record skipped or repeated without a notice."""
+    d = tmp_path_factory.mktemp("follow")
+    store = walspan.Store(d, durability="process", install_hooks=False)
+    t = store.open("s")
+    f = Follower(d, from_start=True, history=history)
+    model: list[dict[str, Any]] = []
+    counter = 0
+
+    def replay() -> None:
+        nonlocal model
+        for item in f.poll():
+            if isinstance(item, Notice):
+                assert item.kind in ("resync", "restart"), item
+                assert item.seq is not None and item.seq <= len(model)
+                model = model[: item.seq]
+            else:
+                assert item.seq == len(model) + 1, (item.seq, len(model))
+                model.append(item.payload)
+
+    for op, count, where, poll in ops:
+        wal = store.wal_path("s")
+        if op == "append":
+            for _ in range(count):
+                counter += 1
+                try:
+                    t.set_metadata(n=counter)
+                except walspan.CorruptWALError:
+                    store.repair("s")  # damage inside the synced region: cut it away explicitly
+                    t.set_metadata(n=counter)
+        elif op == "compact":
+            try:
+                store.compact("s")
+            except walspan.CorruptWALError:
+                pass
+        elif op == "torn":
+            with open(wal, "ab") as fh:
+                fh.write(b"\x00\x01\x02")
+        else:
+            offsets = record_offsets(wal)
+            if len(offsets) > 3:
+                flip_byte(wal, offsets[2 + int(where * (len(offsets) - 3))][0] + 21)
+                try:
+                    store.repair("s")
+                except walspan.CorruptWALError:
+                    pass
+        if poll:
+            replay()
+    counter += 1
+    try:
+        t.set_metadata(n=counter)
+    except walspan.CorruptWALError:
+        store.repair("s")
+        t.set_metadata(n=counter)
+    replay()
+    assert model == [r.payload for r in read_records(d, "s")]
+    store.close()

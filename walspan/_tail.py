@@ -31,7 +31,10 @@ class TailFormatter:
     def line(self, item: Record | Notice) -> str:
         if isinstance(item, Notice):
             if self.as_json:
-                return json.dumps({"notice": item.kind, "session_id": item.session_id, "message": item.message}, ensure_ascii=False)
+                doc: dict[str, Any] = {"notice": item.kind, "session_id": item.session_id, "message": item.message}
+                if item.seq is not None:
+                    doc["seq"] = item.seq
+                return json.dumps(doc, ensure_ascii=False)
             return f"-- {safe(item.session_id)}: {item.kind}: {safe(item.message)}"
         if self.as_json:
             return json.dumps(

@@ -44,11 +44,15 @@ from ._records import Cursor, Record, cursor_matches_fd, end_cursor_fd, iter_fd
 class Notice(NamedTuple):
     """Something a reader of the stream should know that is not a record.
 
-    kind: "new" | "removed" | "replaced" | "resync" | "restart" | "error"."""
+    kind: "new" | "removed" | "replaced" | "resync" | "restart" | "error". For `resync`,
+    `seq` is the record the stream resumes after (the records after it that were yielded
+    before are gone from the log); for `restart` and `replaced` it is 0 (everything that
+    follows is from the first record)."""
 
     session_id: str
     kind: str
     message: str
+    seq: int | None = None
 
 
 @dataclass
@@ -182,7 +186,7 @@ class Follower:
             return old  # same log, new inode (copied back): the cursor check decides
         cursor = Cursor.START
         if old is not None:
-            out.append(Notice(sid, "replaced", f"a new trace {trace_id} under this session id; reading it from its start"))
+            out.append(Notice(sid, "replaced", f"a new trace {trace_id} under this session id; reading it from its start", 0))
         elif self._first and not self.from_start:
             cursor = end_cursor_fd(fd, path, self.back)
         elif not self._first:
@@ -216,7 +220,7 @@ class Follower:
             if c != w.cursor and cursor_matches_fd(fd, path, w.session_id, c):
                 w.cursor = c
                 w.recent.append(c)
-                out.append(Notice(w.session_id, "resync", f"{exc.reason}: the log was cut; resuming after seq {c.seq}"))
+                out.append(Notice(w.session_id, "resync", f"{exc.reason}: the log was cut; resuming after seq {c.seq}", c.seq))
                 return
         try:
             first = _first_record(fd, path)
@@ -224,10 +228,10 @@ class Follower:
             first = None
         if first is not None and str(first.get("trace_id")) != w.trace_id:
             w.trace_id = str(first.get("trace_id"))
-            out.append(Notice(w.session_id, "replaced", f"a new trace {w.trace_id} under this session id; reading it from its start"))
+            out.append(Notice(w.session_id, "replaced", f"a new trace {w.trace_id} under this session id; reading it from its start", 0))
         else:
             out.append(
-                Notice(w.session_id, "restart", f"{exc.reason}: the log was cut; re-reading it from the start (records may repeat)")
+                Notice(w.session_id, "restart", f"{exc.reason}: the log was cut; re-reading it from the start (records may repeat)", 0)
             )
         w.cursor = Cursor.START
 
