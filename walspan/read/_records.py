@@ -183,12 +183,17 @@ def check_cursor(directory: str | os.PathLike[str], session_id: str, cursor: Cur
 
 
 def cursor_matches_fd(fd: int, path: str, session_id: str, cursor: Cursor) -> bool:
-    try:
-        for _ in iter_fd(fd, path, session_id, cursor):
-            break
+    """Reads the cursor's own record only: damage after it is not this question's business."""
+    if cursor.at_start:
         return True
-    except CursorMismatchError:
-        return False
+    state = ScanState(path)
+    try:
+        for offset, _rtype, seq, payload in iter_records(fd, state, start=cursor.record, start_seq=cursor.seq - 1):
+            assert payload is not None
+            return (offset, seq, state.end, record_check(payload)) == (cursor.record, cursor.seq, cursor.offset, cursor.check)
+    except CorruptWALError:
+        pass  # the bytes there do not parse as that record any more
+    return False
 
 
 def end_cursor(directory: str | os.PathLike[str], session_id: str, back: int = 0) -> Cursor:
