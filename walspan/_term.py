@@ -69,8 +69,8 @@ class Progress:
         if now - self._last < 0.1:
             return
         self._last = now
-        of = f"/{self.total}" if self.total is not None else ""
-        line = f"{self.label}: {done}{of} {safe(detail)}"[:150]
+        count = f"{done}/{self.total} " if self.total is not None else ""
+        line = f"{self.label}: {count}{safe(detail)}"[:150]
         self.stream.write("\r\x1b[K" + line)
         self.stream.flush()
         self._drawn = True
