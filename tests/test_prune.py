@@ -68,36 +68,42 @@ def test_prune_selects_ended_traces_by_age_status_and_keep(pstore: walspan.Store
 def test_prune_never_removes_a_trace_with_a_live_writer(store_dir: Path) -> None:
     """A trace ended by one process while another process is still attached and alive is kept
     (and removed once that process is gone); the process that ended a trace does not count; a
-    running trace with a writer appending beside the prune is untouched and still verifies."""
+    running trace appended to all through the prune keeps every acknowledged span and verifies."""
     store = walspan.Store(store_dir, durability="process", install_hooks=False)
     _ended(store, "gone")  # this (live) process ended it: prunable
     holder = spawn_script(
-        "import sys, walspan\n"
+        "import sys, threading, walspan\n"
         "s = walspan.Store(sys.argv[1], durability='process', install_hooks=False)\n"
-        "t = s.open('shared'); r = s.open('running'); print('attached', flush=True)\n"
-        "for line in sys.stdin:\n"
-        "    with r.span('beside'): pass\n"
-        "    print('ok', flush=True)\n",
+        "t = s.open('shared'); r = s.open('running'); stop = threading.Event(); n = [0]; first = threading.Event()\n"
+        "def burst():\n"
+        "    while not stop.is_set():\n"
+        "        with r.span('beside'): pass\n"
+        "        n[0] += 1; first.set()\n"
+        "th = threading.Thread(target=burst); th.start(); first.wait()\n"
+        "print('appending', flush=True)\n"
+        "sys.stdin.readline(); stop.set(); th.join()\n"
+        "print(n[0], flush=True)\n"
+        "sys.stdin.read()\n",
         str(store_dir),
     )
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "attached"
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "appending"
         ender = walspan.Store(store_dir, durability="process", install_hooks=False)
         ender.open("shared").end()
         ender.close()
-        report = _prune.prune(str(store_dir), older_than=0)
+        report = _prune.prune(str(store_dir), older_than=0)  # while `running` is appended to
         assert [t.session_id for t in report.removed] == ["gone"]
         assert report.kept == [("shared", "a writer process attached to it is still alive")]
         assert holder.stdin is not None
-        holder.stdin.write("go\n")
+        holder.stdin.write("stop\n")
         holder.stdin.flush()
-        assert holder.stdout.readline().strip() == "ok"
+        appended = int(holder.stdout.readline())
         holder.stdin.close()
         assert holder.wait(60) == 0
     finally:
         if holder.poll() is None:
             holder.kill()
-    assert store.load("running")["spans"][0]["name"] == "beside"
+    assert [sp["name"] for sp in store.load("running")["spans"]] == ["beside"] * appended
     assert [t.session_id for t in _prune.prune(str(store_dir), older_than=0).removed] == ["shared"]
     assert store.verify().ok and [s.session_id for s in summaries(store_dir)] == ["running"]
     store.close()
