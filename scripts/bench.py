@@ -754,6 +754,105 @@ def recovery_bench(root: str, sessions: int) -> dict[str, Any]:
         shutil.rmtree(d, ignore_errors=True)
 
 
+# -- read tools at scale (optional: --only read) ------------------------------------------------
+
+
+_PEAK_RSS = (
+    "import atexit, os, sys\n"
+    "def _peak():\n"
+    "    with open('/proc/self/status') as f:\n"
+    "        os.write(int(os.environ['PEAK_FD']), next(l for l in f if l.startswith('VmHWM:')).split()[1].encode())\n"
+    "atexit.register(_peak)\n"
+    "sys.argv[0] = 'walspan'\n"
+    "from walspan.cli import main\n"
+    "sys.exit(main())\n"
+)
+
+
+def _cli(args: list[str]) -> tuple[float, float, int]:
+    """Run the walspan CLI with ARGS, stdout to /dev/null: (seconds, peak RSS in MiB, exit code).
+    The peak is the command's own (VmHWM of its address space, reported at exit): a child's
+    ru_maxrss would count the memory of the process it was forked from."""
+    r, w = os.pipe()
+    env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir), PEAK_FD=str(w))
+    t = time.perf_counter()
+    with open(os.devnull, "wb") as null:
+        proc = subprocess.Popen([sys.executable, "-c", _PEAK_RSS, *args], stdout=null, stderr=null, env=env,
+                                pass_fds=(w,))
+        os.close(w)
+        code = proc.wait()
+    seconds = time.perf_counter() - t
+    with os.fdopen(r, "rb") as f:
+        peak_kib = int(f.read() or 0)
+    return seconds, peak_kib / 1024, code
+
+
+def read_tools_bench(root: str, spans: int, sessions: int, reps: int) -> dict[str, Any]:
+    """`ls` of a store of `sessions` compacted traces (from their summaries) and of as many
+    running ones (folded), then every read command on one `spans`-span trace: seconds and peak
+    RSS of the whole process (interpreter start included; medians of `reps` runs)."""
+    out: dict[str, Any] = {"sessions": sessions, "spans": spans, "reps": reps}
+    many = tempfile.mkdtemp(prefix="read-many-", dir=root)
+    big = tempfile.mkdtemp(prefix="read-big-", dir=root)
+    try:
+        store = walspan.Store(many, durability="process", install_hooks=False)
+        for k in range(sessions):
+            t = store.open(f"ses_{k:05d}", metadata={"title": f"session {k}"})
+            for i in range(3):
+                with t.span(f"step{i}", kind="tool", attributes={"i": i}):
+                    pass
+            t.end()
+        store.close()
+        from walspan.read import summaries
+
+        def timed(fn: Callable[[], Any]) -> float:
+            runs = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                runs.append(time.perf_counter() - t0)
+            return statistics.median(runs)
+
+        out["ls_compacted_inprocess_s"] = timed(lambda: list(summaries(many)))
+        out["ls_compacted_cli_s"] = statistics.median(_cli(["ls", many])[0] for _ in range(reps))
+        for name in os.listdir(os.path.join(many, ".walspan")):  # no summaries: every trace folded
+            if name.endswith(".summary"):
+                os.unlink(os.path.join(many, ".walspan", name))
+        out["ls_folded_inprocess_s"] = timed(lambda: list(summaries(many)))
+
+        build_trace(big, "big", spans)
+        s = walspan.Store(big, durability="process", install_hooks=False)
+        t0 = time.perf_counter()
+        s.open("big").end()  # compacts: the JSON and its summary
+        out["compact_s"] = time.perf_counter() - t0
+        s.close()
+        out["wal_bytes"] = os.path.getsize(os.path.join(big, "big.wal"))
+        out["json_bytes"] = os.path.getsize(os.path.join(big, "big.json"))
+        commands = {
+            "ls": ["ls", big],
+            "show": ["show", "--no-pager", big, "big"],
+            "show --limit 50": ["show", "--no-pager", "--limit", "50", big, "big"],
+            "show --json": ["show", "--json", big, "big"],
+            "verify": ["verify", big],
+            "tail --from-start": ["tail", "--from-start", big],
+        }
+        rows = {}
+        for label, args in commands.items():
+            runs = [_cli(args) for _ in range(reps)]
+            rows[label] = {
+                "seconds": statistics.median(r[0] for r in runs),
+                "peak_rss_mib": max(r[1] for r in runs),
+                "exit_codes": sorted({r[2] for r in runs}),
+            }
+        out["commands"] = rows
+        bad = [k for k, v in rows.items() if v["exit_codes"] != [0]]
+        out["void"] = f"non-zero exit: {bad}" if bad else None
+        return out
+    finally:
+        shutil.rmtree(many, ignore_errors=True)
+        shutil.rmtree(big, ignore_errors=True)
+
+
 # -- the run ----------------------------------------------------------------------------------
 
 
@@ -1124,6 +1223,17 @@ def markdown(res: dict[str, Any]) -> str:
         ]
         for r in ot["rows"]:
             lines.append(f"| {r['system']} | {r['spans_per_s']:,.0f} | {r['p50_us']:,.1f} | {r['p99_us']:,.1f} | {r['max_us']:,.1f} |")
+    rt = res.get("read_tools")
+    if rt:
+        lines += ["", "## Read tools at scale", "",
+                  f"`ls` of {rt['sessions']:,} compacted traces: {rt['ls_compacted_inprocess_s'] * 1000:,.0f} ms in process "
+                  f"({rt['ls_compacted_cli_s'] * 1000:,.0f} ms for the whole `walspan ls` command); "
+                  f"the same store without summaries (every log folded): {rt['ls_folded_inprocess_s'] * 1000:,.0f} ms.", "",
+                  f"One trace of {rt['spans']:,} spans ({rt['wal_bytes'] / 2**20:,.1f} MiB of WAL, {rt['json_bytes'] / 2**20:,.1f} MiB of JSON), "
+                  "each command as its own process (interpreter start included):", "",
+                  "| command | seconds | peak RSS MiB |", "|---|---|---|"]
+        for label, row in rt["commands"].items():
+            lines.append(f"| `walspan {label}` | {row['seconds']:,.2f} | {row['peak_rss_mib']:,.0f} |")
     if res.get("notes"):
         lines += ["", "## Notes", ""] + res["notes"]
     return "\n".join(lines) + "\n"
@@ -1225,7 +1335,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=None, help="seconds per throughput run")
     ap.add_argument("--only", default="throughput,json,length,compaction,recovery",
                     help="comma-separated parts to run (throughput,json,length,compaction,recovery; "
-                         "otel, the OpenTelemetry processors' per-span cost, only when named: needs walspan[otel])")
+                         "otel, the OpenTelemetry processors' per-span cost, only when named: needs walspan[otel]; "
+                         "read, read tools at scale, only when named)")
     ap.add_argument("--systems", default="", help="comma-separated systems for the throughput matrix (default: all)")
     args = ap.parse_args(argv)
     q = args.quick
@@ -1272,6 +1383,9 @@ def main(argv: list[str] | None = None) -> int:
         if "otel" in parts:
             log("OpenTelemetry span processors")
             res["otel"] = otel_bench(root, 2000 if q else 20000)
+        if "read" in parts:  # not in the default set: run with --only read
+            log("read tools at scale")
+            res["read_tools"] = read_tools_bench(root, 20_000 if q else 200_000, 200 if q else 1000, 1 if q else 3)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     res["targets"] = evaluate_targets(res)

@@ -36,14 +36,15 @@ def _one_error_line(err: str) -> str:
 
 
 def test_ls_lists_sessions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """`walspan ls DIR` lists every session with status and span count; --json is parseable."""
+    """`walspan ls DIR` lists every session with status and span count; --json is parseable,
+    with the span count an int."""
     _demo(tmp_path)
     assert main(["ls", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "ses/1" in out and "completed" in out and "ses 2" in out and "running" in out
     assert main(["ls", "--json", str(tmp_path)]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert {(r["session_id"], r["status"], r["spans"]) for r in rows} == {("ses/1", "completed", "2"), ("ses 2", "running", "1")}
+    assert {(r["session_id"], r["status"], r["spans"]) for r in rows} == {("ses/1", "completed", 2), ("ses 2", "running", 1)}
 
 
 def test_ls_empty_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -146,13 +147,17 @@ def test_bad_usage_is_one_line_no_traceback(tmp_path: Path, capsys: pytest.Captu
 
 def test_corrupt_wal_show_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """show/compact of a corrupt WAL: one line naming the file and offset, exit 1; ls marks it
-    CORRUPT and exits 1. (compact folds incrementally from the JSON's checkpoint, so damage
-    *before* a checkpoint is only found by a full fold: the JSON is removed here first.)"""
+    CORRUPT and exits 1. (compact folds incrementally from the JSON's checkpoint, and ls trusts
+    the summary of a compacted trace, so damage *before* a checkpoint is only found by a full
+    fold: the JSON and its summary are removed here first; `verify` always finds it.)"""
     s = _demo(tmp_path)
     wal = s.wal_path("ses/1")
     off = record_offsets(wal)[1][0]
     flip_byte(wal, off + 21)
+    assert main(["verify", str(tmp_path)]) == 1
+    capsys.readouterr()
     s.trace_path("ses/1").unlink()
+    (tmp_path / ".walspan" / (wal.stem + ".summary")).unlink()
     for argv in (["show", str(tmp_path), "ses/1"], ["compact", str(tmp_path), "ses/1"]):
         assert main(argv) == 1
         line = _one_error_line(capsys.readouterr().err)
@@ -193,7 +198,7 @@ def test_unreadable_wal_does_not_stop_ls_or_compact(tmp_path: Path, capsys: pyte
     assert str(tmp_path / "dir.wal") in cap.out and str(tmp_path / "evil.wal") in cap.out
     assert main(["ls", "--json", str(tmp_path)]) == 1
     rows = {r["session_id"]: r["status"] for r in json.loads(capsys.readouterr().out)}
-    assert rows == {"ses/1": "completed", "ses 2": "running", "dir": "UNREADABLE", "evil": "UNREADABLE"}
+    assert rows == {"ses/1": "completed", "ses 2": "running", "dir": "unreadable", "evil": "unreadable"}
     s.trace_path("ses/1").unlink()
     assert main(["compact", str(tmp_path)]) == 1
     cap = capsys.readouterr()

@@ -187,17 +187,19 @@ def test_corrupt_wal_is_reported_and_left_untouched(tmp_path: Path, store: walsp
 
 
 def test_cli_recover_prints_what_it_changed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """`walspan recover DIR` prints each change (session: action: message) and a summary; a
-    second run prints no change; a corrupt WAL is printed as CORRUPT with exit status 1."""
+    """`walspan recover DIR` prints each change (session: action: message, and each JSON file it
+    wrote, counted as a change) and a summary; a second run prints no change; a corrupt WAL is
+    printed as CORRUPT with exit status 1."""
     dead_writer(tmp_path, "s")
     with walspan.Store(tmp_path, install_hooks=False) as s:
         s.open("idle").close()
     assert cli.main(["recover", str(tmp_path)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("s: crashed: writer(s) ")
-    assert out[-1] == "2 session(s) checked, 1 change(s), 0 corrupt or unreadable"
+    assert sorted(line for line in out if line.startswith("wrote ")) == [f"wrote {tmp_path / 'idle.json'}", f"wrote {tmp_path / 's.json'}"]
+    assert out[-1] == "2 session(s) checked, 3 change(s) (2 JSON file(s) written), 0 corrupt or unreadable"
     assert cli.main(["recover", str(tmp_path)]) == 0
-    assert capsys.readouterr().out.splitlines() == ["2 session(s) checked, 0 change(s), 0 corrupt or unreadable"]
+    assert capsys.readouterr().out.splitlines() == ["2 session(s) checked, 0 change(s) (0 JSON file(s) written), 0 corrupt or unreadable"]
     wal = tmp_path / "idle.wal"
     data = bytearray(wal.read_bytes())
     data[60] ^= 0xFF

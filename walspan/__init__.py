@@ -1,6 +1,7 @@
 """walspan: a multi-process, crash-resilient write-ahead logger for tracing spans.
 
-The WAL is the truth; the JSON trace is a view. See README.md and docs/FORMAT.md.
+The WAL is the truth; the JSON trace is a view. See README.md and docs/FORMAT.md. Reading a
+store (records after a cursor, following it, summaries) is `walspan.read`.
 """
 
 from ._recovery import RecoveryAction, RecoveryReport
@@ -20,7 +21,9 @@ from ._values import TRUNCATION_MARKER
 from ._verify import FileCheck, VerifyReport
 from ._wal import Repair
 from .errors import (
+    ClosedError,
     CorruptWALError,
+    CursorMismatchError,
     DurabilityError,
     SessionNotFoundError,
     TraceClosedError,
@@ -33,7 +36,9 @@ __version__ = "0.1.0"
 __all__ = [
     "ENV_VAR",
     "TRUNCATION_MARKER",
+    "ClosedError",
     "CorruptWALError",
+    "CursorMismatchError",
     "DurabilityError",
     "FileCheck",
     "RecoveryAction",

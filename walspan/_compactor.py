@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import _fsutil, _locking
+from . import _fsutil, _locking, _summary
 from ._fold import TraceFold, dumps
 from ._format import FILE_HEADER_SIZE, unpack_payload, wal_keys
 from ._reader import ScanState, iter_records, read_header, record_at
@@ -161,6 +161,7 @@ def compact(store_dir: str, stem: str) -> Compaction:
         try:
             fold, _scan, matched = _fold_fd(wal_fd, wal_path, checkpoint, None)
             if matched and old_seq is not None and old_seq >= fold.seq:
+                _ensure_summary(store_dir, stem, fold)
                 return Compaction(json_path, False)  # monotonic: the JSON already reflects at least this much
             # The WAL must be durable up to what the JSON shows, or a power loss could take back
             # records a durable JSON still shows. In durable mode the appenders' flushes already
@@ -182,6 +183,7 @@ def compact(store_dir: str, stem: str) -> Compaction:
         data = dumps(fold.to_dict())
         hook = before_rename
         _fsutil.atomic_replace(json_path, data, before_rename=(lambda: hook(json_path)) if hook else None)
+        _summary.write_summary(store_dir, stem, fold)  # a cache for `ls`, after the JSON it describes
         return Compaction(json_path, True, aside)
     finally:
         # Unlock explicitly: a fork() child (another thread forked meanwhile) holds a copy of
@@ -211,3 +213,12 @@ def _keep_aside(json_path: str, checkpoint: TraceFold | None) -> str:
         except FileExistsError:
             continue
     raise FileExistsError(17, "too many stale copies", base)  # pragma: no cover
+
+
+# -- the summary side file (walspan/_summary.py) ----------------------------------------------
+
+
+def _ensure_summary(store_dir: str, stem: str, fold: TraceFold) -> None:
+    """A JSON already up to date may predate summaries: write one if it is missing."""
+    if not os.path.exists(_summary.summary_path(store_dir, stem)):
+        _summary.write_summary(store_dir, stem, fold)

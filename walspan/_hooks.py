@@ -272,7 +272,7 @@ def _in_multiprocessing_child() -> bool:
 def detach_all() -> None:
     for store in stores():
         try:
-            store.close()
+            store._release()  # not close(): an atexit handler that logs later may attach again
         except Exception:  # pragma: no cover
             log.exception("walspan: could not detach from %s at exit", store.directory)
 

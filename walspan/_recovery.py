@@ -48,6 +48,7 @@ class RecoveryReport:
     actions: list[RecoveryAction] = field(default_factory=list)
     corrupt: list[CorruptWALError] = field(default_factory=list)
     unreadable: list[OSError] = field(default_factory=list)  # e.g. a directory named S.wal
+    compacted: list[str] = field(default_factory=list)  # paths of the JSON files written
 
     @property
     def crashed(self) -> list[str]:
@@ -55,7 +56,7 @@ class RecoveryReport:
 
     @property
     def changed(self) -> bool:
-        return bool(self.actions)
+        return bool(self.actions or self.compacted)
 
 
 def _fmt_ns(ns: int | None) -> str:
@@ -177,6 +178,8 @@ def _recover_session(store: Store, session_id: str, report: RecoveryReport) -> N
     json_path = os.path.join(store.directory, stem + ".json")
     if changed or not os.path.exists(json_path):
         done = _compactor.compact(store.directory, stem)
+        if done.rewritten:
+            report.compacted.append(done.path)
         if done.set_aside is not None:
             report.actions.append(
                 RecoveryAction(

@@ -27,6 +27,7 @@ from ._wal import (
     set_aside_whole_wal,
 )
 from .errors import (
+    ClosedError,
     CorruptWALError,
     DurabilityError,
     SessionNotFoundError,
@@ -104,6 +105,7 @@ class Store:
         self._sessions: dict[str, _Session] = {}
         self._handles: OrderedDict[str, WalHandle] = OrderedDict()
         self._writer: _liveness.ProcessWriter | None = None
+        self._closed = False  # close() was called: no more attaching through this Store
         _hooks.register(self)
 
     def __repr__(self) -> str:
@@ -197,6 +199,7 @@ class Store:
         from ._trace import Trace
 
         check_session_id(session_id)
+        self._check_open()
         meta = clean_mapping(metadata, "metadata", self.max_value_bytes)
         session = self._session(session_id)
         with _hooks.busy():
@@ -228,7 +231,7 @@ class Store:
             created = create_wal(wal_path, salt, records)
         already = session.attached_pid == os.getpid() or created
         h = self._acquire_handle(session.stem)
-        if not already and h.is_stale():
+        if session.attached_pid != os.getpid() and h.is_stale():
             # The file was replaced, set aside or rewritten since this handle opened it: a
             # cached handle must never append to a file that is no longer the session's WAL.
             self._release_handle(h)
@@ -236,6 +239,7 @@ class Store:
                 if self._handles.get(session.stem) is h:
                     del self._handles[session.stem]
                     self._retire(h)
+            session.trace_id = ""  # another trace may live under this session id now
             h = self._acquire_handle(session.stem)
         try:
             # the whole log is read for its writer records outside the lock; under it, the tail
@@ -280,9 +284,10 @@ class Store:
         """Append one record for this process's writer; returns its sequence number."""
         if session.failed is not None:
             raise session.failed
+        self._check_open()
         with _hooks.busy():
             if session.attached_pid != os.getpid():
-                self._attach(session, None)  # a fork child, or after close(): attach anew
+                self._attach(session, None)  # a fork child (or after end()): attach anew
             writer = self._writer
             assert writer is not None
             payload["writer"] = writer.writer_id
@@ -422,7 +427,19 @@ class Store:
 
     def close(self) -> None:
         """Detach every trace this process attached through this store (none is ended), and
-        release descriptors. The traces stay open for later writers (idle, not crashed)."""
+        release descriptors. The traces stay open for later writers (idle, not crashed).
+        Attaching through this Store afterwards (open(), or a Trace it gave) raises
+        ClosedError; reading (load, verify, compact, recover) still works."""
+        self._closed = True
+        self._release()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"{self!r} was closed; nothing was written (make a new Store to attach again)")
+
+    def _release(self) -> None:
+        """close() without closing: the exit-time detach, after which a late append (an atexit
+        handler registered before walspan's) may still attach again."""
         with self._lock:
             sessions = [s for s in self._sessions.values() if s.attached_pid == os.getpid()]
         first_error: BaseException | None = None

@@ -19,11 +19,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._format import RecordType
 from ._values import check_name, clean, clean_mapping
+from .errors import ClosedError
 
 if TYPE_CHECKING:
     from ._store import Store, _Session
 
 _T = RecordType
+log = logging.getLogger("walspan")
 ENV_VAR = "WALSPAN_CONTEXT"
 TRACEPARENT_VAR = "TRACEPARENT"
 #: With TRACEPARENT alone (no WALSPAN_CONTEXT), the store a process joins the trace in.
@@ -34,7 +36,6 @@ SESSION_VAR = "WALSPAN_SESSION"
 SPAN_STATUSES = ("ok", "error", "unset")
 _UNSET: Any = object()
 _F = TypeVar("_F", bound=Callable[..., Any])
-log = logging.getLogger("walspan")
 
 #: The span the current thread / asyncio task is inside (set by `with span:`).
 current_span: contextvars.ContextVar[Span | None] = contextvars.ContextVar("walspan_current_span", default=None)
@@ -104,6 +105,7 @@ class Trace:
         #: (the session's own trace id was chosen when the session was created).
         self.otel_trace_id: str | None = None
         self._closed = False
+        self._detached = False  # close() was called: this object may not attach again
 
     @property
     def session_id(self) -> str:
@@ -138,6 +140,7 @@ class Trace:
         or a Span / 16-hex span id, possibly from another process. `links`: Spans,
         (trace id, span id) pairs or dicts with `attributes` too; `start_time`: nanoseconds
         since the epoch, when the span started earlier than this call."""
+        self._check_attached()
         limit = self._store.max_value_bytes
         name = check_name(name, "span name")
         kind = check_name(kind, "span kind")
@@ -192,6 +195,7 @@ class Trace:
 
     def set_metadata(self, metadata: dict[str, Any] | None = None, /, **fields: Any) -> None:
         """Merge fields into the trace's metadata."""
+        self._check_attached()
         merged = dict(metadata or {}, **fields)
         clean_meta = clean_mapping(merged, "metadata", self._store.max_value_bytes)
         self._store._append(self._session, _T.METADATA, {"metadata": clean_meta, "time": time.time_ns()})
@@ -199,6 +203,7 @@ class Trace:
     def end(self, status: str = "completed", message: str | None = None) -> Path:
         """Append the terminal record (if none exists: first terminal record wins, else
         TraceClosedError), compact, and return the canonical JSON's path."""
+        self._check_attached()
         if message is not None:
             message = check_name(message, "message", self._store.max_value_bytes)
         path = self._store._terminate(self._session, status, message)
@@ -214,13 +219,21 @@ class Trace:
         if self._closed:
             return
         self._closed = True
+        self._detached = True
         self._store._detach(self._session)
+
+    def _check_attached(self) -> None:
+        if self._detached:
+            raise ClosedError(
+                f"trace of session {self.session_id!r} was closed (detached); nothing was written. "
+                f"Attach again with store.open({self.session_id!r})"
+            )
 
     def __enter__(self) -> Trace:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        _exit_keeping_theirs(self.close, exc_type, "detaching from the trace")
 
     # -- handing the trace to a child process ---------------------------------------------
 
@@ -392,6 +405,7 @@ class Span:
         return self._ended
 
     def _append(self, rtype: int, payload: dict[str, Any]) -> None:
+        self.trace._check_attached()
         self.trace.store._append(self.trace._session, rtype, payload)
 
     def __enter__(self) -> Span:
@@ -411,8 +425,32 @@ class Span:
             if exc is None:
                 self.end()
             else:
-                self.record_exception(exc)
-                self.end("error", f"{exc_type.__name__ if exc_type else type(exc).__name__}: {exc}")
+                etype = exc_type or type(exc)
+
+                def record_and_end() -> None:
+                    self.record_exception(exc)
+                    self.end("error", _describe(etype, exc))
+
+                _exit_keeping_theirs(record_and_end, etype, f"ending span {self.name!r}")
+
+def _describe(exc_type: type[BaseException], exc: BaseException | None) -> str:
+    try:
+        return f"{exc_type.__name__}: {exc}"
+    except Exception:  # noqa: BLE001 - an exception whose __str__ raises
+        return exc_type.__name__
+
+
+def _exit_keeping_theirs(action: Any, exc_type: type[BaseException] | None, what: str) -> None:
+    """Run a context manager's exit action. With no exception in flight, its errors propagate;
+    with one in flight (the caller's), ours is logged and theirs goes on unchanged: walspan
+    never replaces an application's exception with its own."""
+    if exc_type is None:
+        action()
+        return
+    try:
+        action()
+    except Exception as ours:  # noqa: BLE001 - logged; the caller's exception propagates
+        log.warning("walspan: %s failed while %s propagated: %s: %s", what, exc_type.__name__, type(ours).__name__, ours)
 
 
 def get_current_span() -> Span | None:

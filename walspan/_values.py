@@ -8,13 +8,18 @@ keys. Anything else is refused at the call with a TypeError/ValueError naming wh
 The cap (the single truncation rule): every str longer than `max_value_bytes` UTF-8 bytes is
 cut to at most that many bytes (at a character boundary) and followed by the marker
 TRUNCATION_MARKER.format(kept=..., total=...). It applies to inputs, outputs, attribute values,
-event attributes and metadata alike; nothing else truncates anything.
+event attributes and metadata alike; nothing else truncates anything. The first value cut in a
+process logs one warning (logger "walspan") naming its key path, so a cut is never silent.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from typing import Any
+
+log = logging.getLogger("walspan")
 
 TRUNCATION_MARKER = "…[walspan: truncated, kept {kept} of {total} bytes]"
 DEFAULT_MAX_VALUE_BYTES = 1 << 20
@@ -33,6 +38,34 @@ def cap_str(value: str, limit: int) -> str:
     return kept + TRUNCATION_MARKER.format(kept=len(kept.encode("utf-8")), total=len(raw))
 
 
+_cap_warned = False
+
+
+def _capped(where: str, value: str, limit: int) -> None:
+    """The first cut value of the process: say so, once (a warning per value would flood)."""
+    global _cap_warned
+    if _cap_warned:
+        return
+    _cap_warned = True
+    log.warning(
+        "walspan: %s is %d bytes, over the value cap of %d bytes: stored cut, ending with %r "
+        "(Store(max_value_bytes=...) sets the cap; logged once per process)",
+        where,
+        len(value.encode("utf-8", "surrogatepass")),
+        limit,
+        TRUNCATION_MARKER.split("{", 1)[0],
+    )
+
+
+def _reset_after_fork() -> None:
+    global _cap_warned
+    _cap_warned = False
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 def clean(value: Any, where: str, limit: int, depth: int = 0) -> Any:
     """Return `value` checked and capped (lists for tuples); raise naming `where` if refused."""
     if value is None or value is True or value is False:
@@ -40,7 +73,10 @@ def clean(value: Any, where: str, limit: int, depth: int = 0) -> Any:
     t = type(value)
     if t is str:
         _check_text(value, where)
-        return cap_str(value, limit)
+        capped = cap_str(value, limit)
+        if capped is not value:
+            _capped(where, value, limit)
+        return capped
     if t is int:
         if not _INT_MIN <= value <= _INT_MAX:
             raise ValueError(f"{where}: integer {value} does not fit in 64 bits")
@@ -99,7 +135,10 @@ def check_name(value: Any, where: str, limit: int = 1024) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{where} must be str, not {type(value).__name__}")
     _check_text(value, where)
-    return cap_str(value, limit)
+    capped = cap_str(value, limit)
+    if capped is not value:
+        _capped(where, value, limit)
+    return capped
 
 
 def _check_text(value: str, where: str) -> None:

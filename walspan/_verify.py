@@ -9,15 +9,14 @@ Damage is judged exactly as every other reader judges it (walspan/_reader.py).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
 
-from ._compactor import fold_wal
-from ._fold import TraceFold, dumps
+from ._fold import TraceFold
 from ._format import wal_keys
 from ._fsutil import open_file
+from ._leanfold import fold_wal_lean, iter_canonical, read_wal_section, stream_equals
 from ._names import decode_stem
 from ._reader import read_header, record_at
 from .errors import CorruptWALError
@@ -61,7 +60,7 @@ def verify_wal(wal_path: str) -> FileCheck:
     stem = os.path.basename(wal_path)[:-4]
     check.session_id = decode_stem(stem)  # until the trace start says (hashed names)
     try:
-        fold, scan = fold_wal(wal_path)
+        fold, scan = fold_wal_lean(wal_path)  # bounded memory, however large the trace
     except CorruptWALError as exc:
         check.errors.append(str(exc))
         return check
@@ -88,47 +87,46 @@ def verify_wal(wal_path: str) -> FileCheck:
 
 def _verify_json(json_path: str, wal_path: str, fold: TraceFold, check: FileCheck) -> None:
     try:
-        with open(json_path, "rb") as f:
-            raw = f.read()
+        f = open(json_path, "rb")  # noqa: SIM115 - closed below; opening is what may fail
     except FileNotFoundError:
         check.notes.append(f"{json_path}: not compacted yet")
         return
     except OSError as exc:  # e.g. a directory in its place: an error on this file, not an abort
         check.errors.append(f"{json_path}: cannot read: {exc.strerror or exc}")
         return
-    try:
-        doc = json.loads(raw)
-        wal = doc["wal"]
-        offset, seq, wal_id = int(wal["offset"]), int(wal["seq"]), str(wal["id"])
-        last_record, last_crc = int(wal["last_record"]), int(wal["last_crc"])
-    except (ValueError, KeyError, TypeError) as exc:
-        check.errors.append(f"{json_path}: not a valid canonical trace: {exc}; `walspan compact` rebuilds it")
-        return
-    if wal_id != fold.wal_id:
-        check.errors.append(f"{json_path}: describes another WAL (id {wal_id}, this WAL's is {fold.wal_id})")
-        return
-    fd = open_file(wal_path, os.O_RDONLY)
-    try:
-        holds = offset <= check.valid_end and record_at(fd, last_record, wal_keys(read_header(fd, wal_path))) == (
-            seq,
-            offset,
-            last_crc,
-        )
-    finally:
-        os.close(fd)
-    if not holds:
-        check.errors.append(
-            f"{json_path}: shows records up to seq {seq} (offset {offset}) that the WAL does not hold "
-            f"(its valid records end at offset {check.valid_end}): they were lost to damage or a cut; "
-            "`walspan compact` keeps this JSON aside as evidence and rebuilds it from the WAL"
-        )
-        return
-    upto, _ = fold_wal(wal_path, upto=offset)
-    if dumps(upto.to_dict()) != raw:
-        check.errors.append(f"{json_path}: differs from the fold of the WAL up to offset {offset}")
+    with f:
+        # The JSON is compared as a stream with the fold's canonical bytes: neither document is
+        # ever whole in memory. Only its `wal` section is parsed, from the end of the file.
+        try:
+            wal = read_wal_section(f, os.fstat(f.fileno()).st_size)
+            offset, seq, wal_id = int(wal["offset"]), int(wal["seq"]), str(wal["id"])
+            last_record, last_crc = int(wal["last_record"]), int(wal["last_crc"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            check.errors.append(f"{json_path}: not a valid canonical trace: {exc}; `walspan compact` rebuilds it")
+            return
+        if wal_id != fold.wal_id:
+            check.errors.append(f"{json_path}: describes another WAL (id {wal_id}, this WAL's is {fold.wal_id})")
+            return
+        wal_fd = open_file(wal_path, os.O_RDONLY)
+        try:
+            found = record_at(wal_fd, last_record, wal_keys(read_header(wal_fd, wal_path)))
+        finally:
+            os.close(wal_fd)
+        if offset > check.valid_end or found != (seq, offset, last_crc):
+            check.errors.append(
+                f"{json_path}: shows records up to seq {seq} (offset {offset}) that the WAL does not hold "
+                f"(its valid records end at offset {check.valid_end}): they were lost to damage or a cut; "
+                "`walspan compact` keeps this JSON aside as evidence and rebuilds it from the WAL"
+            )
+            return
+        if offset != fold.offset:
+            fold, _ = fold_wal_lean(wal_path, upto=offset)
+        f.seek(0)
+        if not stream_equals(iter_canonical(fold), f):
+            check.errors.append(f"{json_path}: differs from the fold of the WAL up to offset {offset}")
 
 
-def _evidence_notes(directory: str, names: list[str], report: VerifyReport) -> None:
+def evidence_notes(directory: str, names: list[str], report: VerifyReport) -> None:
     """Files that repairs and compactions set aside are evidence: say they are there."""
     kept = [n for n in names if _EVIDENCE.search(n)]
     if kept:
@@ -144,5 +142,5 @@ def verify_dir(directory: str) -> VerifyReport:
     for name in names:
         if name.endswith(".wal") and not name.startswith("."):
             report.files.append(verify_wal(os.path.join(directory, name)))
-    _evidence_notes(directory, names, report)
+    evidence_notes(directory, names, report)
     return report

@@ -69,3 +69,24 @@ class DurabilityError(WalspanError, OSError):
 
     def __reduce__(self):  # type: ignore[no-untyped-def]
         return (type(self), (self.path, self.op, OSError(self.errno, self.strerror)))
+
+
+class ClosedError(WalspanError, ValueError):
+    """A Trace or Store was used after its close(): nothing was written. Closing detaches for
+    good; attach again with Store.open() (a new Store, after Store.close())."""
+
+
+class CursorMismatchError(WalspanError):
+    """A read cursor no longer matches its WAL: the record it points after is gone or different
+    (the log was cut by a repair or lost an unsynced tail, or the session was removed and
+    created anew). Nothing was read; resume from an older cursor that still matches, or from
+    the start."""
+
+    def __init__(self, path: str | os.PathLike[str], cursor: object, reason: str) -> None:
+        self.path = os.fspath(path)
+        self.cursor = cursor
+        self.reason = reason
+        super().__init__(f"{self.path}: cursor {cursor} no longer matches the log: {reason}")
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (type(self), (self.path, self.cursor, self.reason))
