@@ -52,6 +52,16 @@ CHILD = textwrap.dedent(
                 os.unlink(os.path.join(disk, name))
 
     acked = []
+    outcome = {}
+
+    def attempt(call):
+        # run the call that meets the full disk; record the OSError it raises (or none)
+        try:
+            call()
+            outcome["error"] = None
+        except OSError as exc:
+            outcome["error"] = [exc.errno, str(exc)]
+
     def log_events(trace, n, tag):
         span = trace.start_span(tag)
         for i in range(n):
@@ -59,16 +69,11 @@ CHILD = textwrap.dedent(
             acked.append((tag, i))
         span.end()
 
-    outcome = {}
     durability = "process" if case == "compact" else "durable"
     store = walspan.Store(store_dir, install_hooks=False, durability=durability)
     if case == "create-wal":
         fill()
-        try:
-            store.open("s")
-            outcome["error"] = None
-        except OSError as exc:
-            outcome["error"] = [exc.errno, str(exc)]
+        attempt(lambda: store.open("s"))
         free()
         t = store.open("s")
         log_events(t, 3, "after")
@@ -80,20 +85,12 @@ CHILD = textwrap.dedent(
             os.unlink(os.path.join(store_dir, ".walspan", "s.shm"))
             store = walspan.Store(store_dir, install_hooks=False)
             fill()
-            try:
-                store.open("s")
-                outcome["error"] = None
-            except OSError as exc:
-                outcome["error"] = [exc.errno, str(exc)]
+            attempt(lambda: store.open("s"))
             free()
             t = store.open("s")
         elif case == "append":
             fill()
-            try:
-                t.start_span("during", attributes={"pad": "x" * 20000})
-                outcome["error"] = None
-            except OSError as exc:
-                outcome["error"] = [exc.errno, str(exc)]
+            attempt(lambda: t.start_span("during", attributes={"pad": "x" * 20000}))
             free()
             t.close(); store.close()
             store = walspan.Store(store_dir, install_hooks=False)  # a failed write poisons nothing
@@ -103,11 +100,7 @@ CHILD = textwrap.dedent(
             old_json = open(store.trace_path("s"), "rb").read()
             log_events(t, 40, "more")
             fill()
-            try:
-                store.compact("s")
-                outcome["error"] = None
-            except OSError as exc:
-                outcome["error"] = [exc.errno, str(exc)]
+            attempt(lambda: store.compact("s"))
             outcome["old_json_kept"] = open(store.trace_path("s"), "rb").read() == old_json
             free()
         elif case == "evidence":
@@ -122,11 +115,7 @@ CHILD = textwrap.dedent(
             damaged = open(wal, "rb").read()
             store = walspan.Store(store_dir, install_hooks=False)
             fill()
-            try:
-                store.repair("s")
-                outcome["error"] = None
-            except OSError as exc:
-                outcome["error"] = [exc.errno, str(exc)]
+            attempt(lambda: store.repair("s"))
             outcome["wal_unchanged"] = open(wal, "rb").read() == damaged
             free()
             store.repair("s")
@@ -137,11 +126,7 @@ CHILD = textwrap.dedent(
         elif case == "liveness":
             t.close(); store.close()
             fill()
-            try:
-                walspan.Store(store_dir, install_hooks=False).open("s")
-                outcome["error"] = None
-            except OSError as exc:
-                outcome["error"] = [exc.errno, str(exc)]
+            attempt(lambda: walspan.Store(store_dir, install_hooks=False).open("s"))
             free()
             store = walspan.Store(store_dir, install_hooks=False)
             t = store.open("s")
