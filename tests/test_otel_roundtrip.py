@@ -252,3 +252,34 @@ def test_open_and_interrupted_spans_are_exported_and_marked(tmp_path: Path) -> N
     assert spans[child_id]["attributes"]["walspan.span.status"] == "interrupted"
     assert spans[child_id]["status"][0] == 2 and "interrupted" in spans[child_id]["status"][1]
     store.close()
+
+
+def test_a_session_routed_by_trace_id_has_that_trace_id(tmp_path: Path) -> None:
+    """Routed by OTel trace id (the default), the walspan trace created for the spans carries
+    the OTel trace id as its own (`load()["trace_id"]`), so walspan's native view and every
+    export name one trace, not two."""
+    store, provider, _memory = _pipeline(tmp_path)
+    tracer = provider.get_tracer("t")
+    with tracer.start_as_current_span("root") as root:
+        with tracer.start_as_current_span("child"):
+            pass
+    hex_id = f"{root.get_span_context().trace_id:032x}"
+    provider.shutdown()
+    doc = store.load(hex_id)
+    assert doc["trace_id"] == hex_id and {s["trace_id"] for s in doc["spans"] if "trace_id" in s} <= {hex_id}
+    store.close()
+
+
+def test_open_takes_a_trace_id_for_a_new_trace_and_refuses_a_bad_one(tmp_path: Path) -> None:
+    """Store.open(trace_id=...) names a trace created now; an existing trace keeps its own id
+    (identity is durable); a malformed id is refused before anything is written."""
+    store = walspan.Store(tmp_path, install_hooks=False)
+    t = store.open("s", trace_id="ab" * 16)
+    assert t.trace_id == "ab" * 16 and store.load("s")["trace_id"] == "ab" * 16
+    t.close()
+    assert store.open("s", trace_id="cd" * 16).trace_id == "ab" * 16
+    for bad in ("AB" * 16, "0" * 32, "ab" * 15, 7):
+        with pytest.raises(ValueError, match="trace_id"):
+            store.open("other", trace_id=bad)  # type: ignore[arg-type]
+    assert not store.wal_path("other").exists()
+    store.close()

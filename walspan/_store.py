@@ -191,32 +191,37 @@ class Store:
 
     # -- attaching ------------------------------------------------------------------------
 
-    def open(self, session_id: str, *, metadata: dict[str, Any] | None = None) -> Trace:
+    def open(self, session_id: str, *, metadata: dict[str, Any] | None = None, trace_id: str | None = None) -> Trace:
         """Attach to a session: create its trace, or continue the existing one.
 
+        `trace_id` (32 lowercase hex digits, not all zeros, as W3C and OpenTelemetry write
+        them) is the id a trace created now gets, e.g. the OpenTelemetry trace it records;
+        by default a random one. An existing trace keeps the id it was created with.
         Raises TraceClosedError (writing nothing) if the trace already ended or crashed.
         """
         from ._trace import Trace
 
         check_session_id(session_id)
+        if trace_id is not None and not _is_trace_id(trace_id):
+            raise ValueError(f"trace_id must be 32 lowercase hex digits, not all zeros, not {trace_id!r}")
         self._check_open()
         meta = clean_mapping(metadata, "metadata", self.max_value_bytes)
         session = self._session(session_id)
         with _hooks.busy():
-            self._attach(session, meta)
+            self._attach(session, meta, trace_id)
         with self._lock:
             session.refs += 1
             session.threads.add(threading.get_ident())
         return Trace(self, session)
 
-    def _attach(self, session: _Session, metadata: dict[str, Any] | None) -> None:
+    def _attach(self, session: _Session, metadata: dict[str, Any] | None, trace_id: str | None = None) -> None:
         writer = self._process_writer()
         wal_path = os.path.join(self.directory, session.stem + ".wal")
         created = False
         if not os.path.exists(wal_path):
             now = time.time_ns()
             first: dict[str, Any] = {
-                "trace_id": secrets.token_hex(16),
+                "trace_id": trace_id or secrets.token_hex(16),
                 "session_id": session.session_id,
                 "metadata": metadata or {},
                 "time": now,
@@ -486,6 +491,15 @@ class Store:
         if self._writer is not None:
             self._writer.abandon()
             self._writer = None
+
+
+def _is_trace_id(value: object) -> bool:
+    return (
+        isinstance(value, str)
+        and len(value) == 32
+        and all(c in "0123456789abcdef" for c in value)
+        and value != "0" * 32
+    )
 
 
 def read_first_record_fd(fd: int, path: str) -> dict[str, Any]:

@@ -103,7 +103,8 @@ class WalSpanProcessor(SpanProcessor):
         with self._lock:
             trace = self._traces.get(session)
         if trace is None:
-            trace = self.store.open(session)
+            # Routed by trace id (the default), the session is that trace: it gets its id.
+            trace = self.store.open(session, trace_id=session if _is_otel_trace_hex(session) else None)
             with self._lock:
                 other = self._traces.setdefault(session, trace)
             if other is not trace:  # another thread attached first: one Trace per session
@@ -220,3 +221,7 @@ class WalSpanProcessor(SpanProcessor):
         """Nothing is ever buffered: every start and end was written (and, in durable mode,
         fdatasynced) before on_start / on_end returned. Always True."""
         return True
+
+
+def _is_otel_trace_hex(value: str) -> bool:
+    return len(value) == 32 and all(c in "0123456789abcdef" for c in value) and value != "0" * 32
