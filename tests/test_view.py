@@ -321,3 +321,24 @@ def test_index_leaves_out_a_session_removed_while_it_runs(tmp_path: Path, monkey
     assert result.failed == [] and len(result.pages) == len(real)
     rows = _embedded(result.index.read_text(encoding="utf-8"))["sessions"]
     assert sorted(r["session_id"] for r in rows) == sorted(real)
+
+
+def test_view_json_says_what_it_wrote(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`walspan view --json` prints one JSON object: the page and its span count for a
+    session, the index, every page and the unreadable sessions for a store; the files exist."""
+    import json as _json
+
+    from walspan.cli import main
+
+    store = walspan.Store(tmp_path / "s", install_hooks=False)
+    t = store.open("a")
+    t.start_span("x").end()
+    t.close()
+    store.close()
+    monkeypatch.chdir(tmp_path)
+    assert main(["view", str(tmp_path / "s"), "a", "--json"]) == 0
+    one = _json.loads(capsys.readouterr().out)
+    assert one["session_id"] == "a" and one["spans"] == 1 and Path(one["page"]).is_file()
+    assert main(["view", str(tmp_path / "s"), "--json", "-o", str(tmp_path / "site")]) == 0
+    many = _json.loads(capsys.readouterr().out)
+    assert Path(many["index"]).is_file() and len(many["pages"]) == 1 and many["unreadable"] == []

@@ -382,7 +382,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import export
 
     store = _store(args.dir)
-    data = export(store, args.session, args.format, include_io=args.include_io)
+    with Progress("export") as progress:
+        progress.update(0, f"folding and encoding {args.session}")
+        data = export(store, args.session, args.format, include_io=args.include_io)
     if args.output in (None, "-"):
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
@@ -397,17 +399,30 @@ def cmd_view(args: argparse.Namespace) -> int:
 
     store = _store(args.dir)
     if args.session is None:
-        result = view.write_index(store, args.output or os.path.basename(os.path.abspath(args.dir)) + "-view")
+        with Progress("view") as progress:
+            progress.update(0, "writing the index and a page per session")
+            result = view.write_index(store, args.output or os.path.basename(os.path.abspath(args.dir)) + "-view")
         for _sid, reason in result.failed:
-            print(f"walspan: error: {reason} (listed in the index as unreadable)", file=sys.stderr)
-        print(f"wrote {result.index} and {len(result.pages)} session page(s) beside it")
+            print(f"walspan: error: {safe(reason)} (listed in the index as unreadable)", file=sys.stderr)
+        if args.json:
+            _emit_json(
+                {"index": str(result.index), "pages": [str(p) for p in result.pages],
+                 "unreadable": [{"session_id": sid, "error": reason} for sid, reason in result.failed]}
+            )
+        else:
+            print(f"wrote {result.index} and {len(result.pages)} session page(s) beside it")
         return 1 if result.failed else 0
     out = args.output or view.default_trace_name(store, args.session)
     if os.path.isdir(out):
         out = os.path.join(out, view.default_trace_name(store, args.session))
-    path, trace = view.write_trace(store, args.session, out)
+    with Progress("view") as progress:
+        progress.update(0, f"writing the page of {args.session}")
+        path, trace = view.write_trace(store, args.session, out)
     n = len(trace["spans"])
-    print(f"wrote {path} ({n} span{'' if n == 1 else 's'})")
+    if args.json:
+        _emit_json({"session_id": args.session, "page": str(path), "spans": n})
+    else:
+        print(f"wrote {path} ({n} span{'' if n == 1 else 's'})")
     return 0
 
 
@@ -577,6 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the page to write (default: ./<session file stem>.html); without SESSION, the directory "
         "that gets index.html and one page per session (default: ./<DIR's name>-view)",
     )
+    s.add_argument("--json", action="store_true", help="say what was written as JSON")
     s.set_defaults(func=cmd_view)
 
     s = sub.add_parser("tail", help="records as they are appended, across every session (never takes a lock)")
