@@ -100,7 +100,8 @@ def test_fatal_signal_marks_crashed_then_the_process_dies_by_it(tmp_path: Path, 
     naming the signal, then the default action happens: the process dies by that signal."""
     proc = spawn_script(
         PRE
-        + """
+        + f"""
+signal.signal(signal.{signame}, signal.SIG_DFL)  # the default disposition, whatever we inherited (nohup)
 t = walspan.Store(d).open("s")
 t.start_span("long tool call")
 print("ready", flush=True)
