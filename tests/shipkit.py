@@ -45,13 +45,14 @@ class Receiver:
     arrivals: list[Arrival] = field(default_factory=list)
     requests: int = 0
     answered: list[str] = field(default_factory=list)  # the fault (or "ok") of every request
-    on_request: Callable[[int, str], None] | None = None  # called before answering
+    on_request: Callable[[int, str], None] | None = None  # called before reading the request
+    on_processed: Callable[[int, str], bool] | None = None  # after its spans arrived; False: no answer
     content_types: set[str] = field(default_factory=set)
     encodings: set[str] = field(default_factory=set)
     release: threading.Event = field(default_factory=threading.Event)  # ends "timeout" waits
 
     def __post_init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         receiver = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -65,9 +66,10 @@ class Receiver:
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self.server.daemon_threads = True
+        self.server.handle_error = lambda request, client_address: None  # type: ignore[method-assign]  # peers killed on purpose
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}/v1/traces"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True)  # a quick shutdown()
         self._thread.start()
 
     def close(self) -> None:
@@ -112,6 +114,9 @@ class Receiver:
         if h.headers.get("Content-Encoding") == "gzip":
             body = gzip.decompress(body)
         self._decode(body, h.headers.get("Content-Type", ""), n)
+        if self.on_processed is not None and not self.on_processed(n, fault):
+            h.close_connection = True
+            return
         if fault == "cut":
             h.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 64\r\n\r\n\x0a\x02")
             h.wfile.flush()
@@ -142,6 +147,12 @@ class Receiver:
             for trace_id, span_id, name, attrs, code, raw in spans:
                 state = str(attrs.get("walspan.span.status") or code)
                 self.arrivals.append(Arrival(trace_id, span_id, name, state, attrs, n, raw))
+            self._lock.notify_all()
+
+    def wait_for(self, predicate: Callable[[list[Arrival]], bool], timeout: float = 30) -> bool:
+        """Until predicate(arrivals) holds (a safety timeout only: a test fails, never waits)."""
+        with self._lock:
+            return self._lock.wait_for(lambda: predicate(self.arrivals), timeout)
 
 
 def write_trace(directory: str, session: str, spans: int, *, end: bool = True, open_spans: int = 0, attrs: int = 0) -> list[str]:
@@ -189,9 +200,16 @@ def check_in_order(arrivals: list[Arrival], expected: dict[str, list[str]]) -> i
     """Every expected span arrived, and per trace the first arrival of each came in log order
     with no gap (a span never arrives before all the spans ended before it). Returns how
     many arrivals were duplicates."""
-    dups = 0
+    return sum(duplicates_per_trace(arrivals, expected).values())
+
+
+def duplicates_per_trace(arrivals: list[Arrival], expected: dict[str, list[str]]) -> dict[str, int]:
+    """check_in_order's checks; per trace, how many arrivals were duplicates."""
+    out = {}
     for trace_id, ids in expected.items():
-        got = [a.span_id for a in arrivals if a.trace_id == trace_id and a.span_id in set(ids)]
+        dups = 0
+        wanted = set(ids)
+        got = [a.span_id for a in arrivals if a.trace_id == trace_id and a.span_id in wanted]
         first: list[str] = []
         seen: set[str] = set()
         for sid in got:
@@ -201,4 +219,5 @@ def check_in_order(arrivals: list[Arrival], expected: dict[str, list[str]]) -> i
                 seen.add(sid)
                 first.append(sid)
         assert first == ids, f"trace {trace_id}: arrival order differs from the log's (first {len(first)} of {len(ids)})"
-    return dups
+        out[trace_id] = dups
+    return out

@@ -613,15 +613,11 @@ class Shipper:
     def _complete(self, batch: _Batch) -> None:
         """A sender is done with a batch (back in the run thread)."""
         self._in_flight.remove(batch)
-        acked = batch.result in ("ack", "reject")
         for p in batch.parts:
-            s = p.session
-            s.in_flight = False
-            if acked:
-                s.saved = p.saved
-            else:  # not acknowledged: send it again (same items, same order)
-                s.pending.extendleft((i, time.monotonic()) for i in reversed(p.items))
-                s.pending_spans += p.spans
+            p.session.in_flight = False
+            if batch.result in ("ack", "reject"):
+                p.session.saved = p.saved
+            # else the run ends ("fail", "abandon"): the next one resumes from the saved cursor
         out = batch.outcome
         with self._lock:
             if batch.result == "ack":
