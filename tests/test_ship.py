@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -283,3 +284,75 @@ def test_missing_protobuf_names_the_extra(monkeypatch: pytest.MonkeyPatch, tmp_p
         ShipOptions("http://127.0.0.1:1/v1/traces").check()
     ShipOptions("http://127.0.0.1:1/v1/traces", protocol="http/json").check()
     assert os.environ is not None
+
+
+def test_prune_keeps_what_a_configured_shipper_has_not_had_acknowledged(tmp_path: Path) -> None:
+    """Once `ship` has run on a store (its marker is there), prune removes an ended trace only
+    when every configured shipper's cursor is at the end of its log: a trace ended after the
+    last run, and one whose shipping gave up half-way, are kept with the reason; after a
+    run that acknowledges them they go. A store never shipped prunes as before."""
+    from walspan._prune import prune
+
+    d = str(tmp_path / "s")
+    write_trace(d, "shipped", 10)
+    later = time.time() + 3600
+    with Receiver() as rx:
+        assert ship(d, rx.url).ok
+        write_trace(d, "half", 100)
+        rx.faults[:] = ["ok"] + ["503"] * 100
+        rx.retry_after = "0"
+        assert not Shipper(d, _opts(rx.url, batch_spans=30, window=1, give_up_after=0.0)).run().ok
+        write_trace(d, "after", 10)
+        report = prune(d, older_than=0, now=later)
+        assert [t.session_id for t in report.removed] == ["shipped"]
+        kept = dict(report.kept)
+        assert set(kept) == {"after", "half"} and kept["half"].startswith(f"not yet shipped to {default_name(rx.url)} ({rx.url})")
+        rx.faults.clear()
+        assert ship(d, rx.url).ok
+        assert sorted(t.session_id for t in prune(d, older_than=0, now=later).removed) == ["after", "half"]
+    other = str(tmp_path / "never-shipped")
+    write_trace(other, "x", 3)
+    assert [t.session_id for t in prune(other, older_than=0, now=later).removed] == ["x"]
+
+
+def test_one_session_is_never_shipped_by_two_shippers_at_once(tmp_path: Path) -> None:
+    """A second shipper (same cursors) started while the first holds two sessions' locks
+    waits for them instead of sending; once the first is done, it finds their cursors at the
+    end and sends nothing: every span arrives exactly once, all from the first."""
+    d = str(tmp_path / "s")
+    write_trace(d, "a", 40)
+    write_trace(d, "b", 40)
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(n: int, fault: str) -> None:
+        if n == 0:
+            entered.set()
+            release.wait(30)
+
+    with Receiver() as rx:
+        rx.on_request = hold
+        first = Shipper(d, _opts(rx.url, window=1, headers={"x-shipper": "first"}))
+        second = Shipper(d, _opts(rx.url, window=1, poll_interval=0.01, headers={"x-shipper": "second"}))
+        waiting = threading.Event()
+
+        def watch(st: object) -> None:
+            if getattr(st, "waiting_for_lock", 0) == 2:
+                waiting.set()
+            else:
+                second.request_status()
+
+        second.on_status = watch
+        second.request_status()
+        results: dict[str, object] = {}
+        t1 = threading.Thread(target=lambda: results.update(first=first.run()))
+        t1.start()
+        assert entered.wait(30)
+        t2 = threading.Thread(target=lambda: results.update(second=second.run()))
+        t2.start()
+        assert waiting.wait(30)
+        release.set()
+        t1.join(30)
+        t2.join(30)
+        assert results["first"].ok and results["second"].ok  # type: ignore[attr-defined]
+        assert results["second"].status.spans == 0  # type: ignore[attr-defined]
+        assert check_in_order(rx.arrivals, end_order(d)) == 0 and len(rx.arrivals) == 84

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..read import Cursor
+from ..read import Cursor, check_cursor
 
 SHIP_DIR = os.path.join(".walspan", "ship")
 MARKER = "shipper.json"
@@ -210,4 +210,27 @@ def shippers(store_dir: str) -> Iterator[tuple[CursorStore, dict[str, Any]]]:
         yield cs, marker
 
 
-__all__ = ["MARKER", "SHIP_DIR", "CursorStore", "SavedCursor", "check_name", "default_name", "shippers"]
+def unshipped(store_dir: str, stem: str, session_id: str, trace_id: str | None) -> list[str]:
+    """The shippers configured for the store that have not had this session's log
+    acknowledged to its end ("NAME (ENDPOINT)"): what `prune` must keep. A saved cursor counts
+    only if it names this trace, ends where the WAL ends, and the WAL still holds its record."""
+    out = []
+    wal = os.path.join(os.fspath(store_dir), stem + ".wal")
+    for cs, marker in shippers(store_dir):
+        try:
+            saved = cs.load(stem)
+            size = os.stat(wal).st_size
+        except (ValueError, OSError):
+            saved = None
+        shipped = (
+            saved is not None
+            and saved.trace_id == trace_id
+            and saved.cursor.offset == size
+            and check_cursor(store_dir, session_id, saved.cursor)
+        )
+        if not shipped:
+            out.append(f"{cs.name} ({marker.get('endpoint')})")
+    return out
+
+
+__all__ = ["MARKER", "SHIP_DIR", "CursorStore", "SavedCursor", "check_name", "default_name", "shippers", "unshipped"]
