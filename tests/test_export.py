@@ -138,3 +138,36 @@ def test_cli_export_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFi
     assert cli.main(["export", str(tmp_path / "t"), "nope", "--format", "svg"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("walspan: error: ") for line in err)
+
+
+def test_spans_model_of_split_parts_encodes_each_span_as_the_whole_trace_does(tmp_path: Path) -> None:
+    """spans_model over a trace's spans cut into parts (a shipper's batches, two traces mixed in
+    one) gives, span for span, the bytes model() gives for the whole trace, under the same
+    resource and scope; proto_request and json_request encode the same model."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    from walspan.export import json_request, proto_request, spans_model
+    from walspan.export._otlp import model
+
+    doc = _two_process_trace(tmp_path / "t")
+    store = walspan.Store(tmp_path / "u", durability="process", install_hooks=False)
+    other = store.open("other")
+    other.start_span("x").end()
+    other.end()
+    doc2 = store.load("other")
+    store.close()
+
+    def flat(m: dict) -> dict[bytes, tuple]:
+        return {s["span_id"]: (json.dumps(rs["resource"], sort_keys=True), ss["scope"]["name"], json.dumps(s, default=bytes.hex, sort_keys=True))
+                for rs in m["resource_spans"] for ss in rs["scope_spans"] for s in ss["spans"]}
+
+    whole = flat(model(doc)) | flat(model(doc2))
+    spans = doc["spans"]
+    parts = [(doc, spans[:7]), (doc2, doc2["spans"]), (doc, spans[7:])]
+    mixed = spans_model(parts)
+    assert flat(mixed) == whole and len(whole) == len(spans) + 1
+    req = ExportTraceServiceRequest.FromString(proto_request(mixed))
+    assert sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans) == len(whole)
+    body = json.loads(json_request(mixed))
+    assert sum(len(ss["spans"]) for rs in body["resourceSpans"] for ss in rs["scopeSpans"]) == len(whole)
+    assert body["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["spanId"] == spans[0]["span_id"]

@@ -75,8 +75,11 @@ _WRITER = textwrap.dedent(
     def durable_end():
         with open(wal, "rb") as f:
             salt = _format.decode_file_header(f.read(32))
-        st = _shm.read_state(wal, salt, os.stat(wal).st_size)
-        return st.durable_end if st is not None else 0
+        for _ in range(1000):  # a lock-free read racing another writer's store reads as unknown: again
+            st = _shm.read_state(wal, salt, os.stat(wal).st_size)
+            if st is not None:
+                return st.durable_end
+        return 0
 
     def ack(n):
         out = {"n": n, "synced": state["synced"]}

@@ -3,8 +3,10 @@ files go (crash-safe, the WAL last) is walspan._retention's job.
 
 A trace is removed only if it has a terminal record (ended, or crashed by recovery), it ended
 before the cutoff, its status is one of those asked for, it is not among the `keep` newest,
-and no writer process still attached to it is alive. All of it is checked again under the
-session's compaction lock just before its first file goes.
+no writer process still attached to it is alive, and, when shipping is configured for the
+store (`walspan ship` left its marker in `.walspan/ship/NAME/`), every configured shipper has
+had the whole log acknowledged (its saved cursor is at the WAL's end: docs/SHIP.md). All of
+it is checked again under the session's compaction lock just before its first file goes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 from . import _retention
 from ._fold import TERMINAL_STATUSES
 from .read import LIVE, TraceSummary, end_cursor, iso_time, list_stems, liveness, read_records, summarize_stem
+from .ship._cursors import unshipped
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -138,6 +141,10 @@ def prune(
         if _live_writers(directory, s):
             report.kept.append((s.session_id, "a writer process attached to it is still alive"))
             continue
+        behind = unshipped(directory, s.stem, s.session_id, s.trace_id)
+        if behind:
+            report.kept.append((s.session_id, f"not yet shipped to {', '.join(behind)}"))
+            continue
         trace = PrunedTrace(s.session_id, s.trace_id, s.status, s.end_time)
         if dry_run:
             paths = _retention.session_files(directory, s.stem)
@@ -147,7 +154,12 @@ def prune(
 
         def still_prunable(s: TraceSummary = s) -> bool:
             now_s = summarize_stem(directory, s.stem)
-            return now_s.trace_id == s.trace_id and now_s.status == s.status and not _live_writers(directory, now_s)
+            return (
+                now_s.trace_id == s.trace_id
+                and now_s.status == s.status
+                and not _live_writers(directory, now_s)
+                and not unshipped(directory, s.stem, s.session_id, s.trace_id)
+            )
 
         try:
             files = _retention.remove_session(directory, s.stem, still_prunable)

@@ -615,6 +615,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_prune)
 
     register_stress(sub)
+    from .ship._cli import register as register_ship
+
+    register_ship(sub)
     return p
 
 

@@ -6,6 +6,9 @@
 - `perfetto`: Chrome trace-event JSON for ui.perfetto.dev
 - `jsonl`: walspan's own trace and span records, one per line
 
+`spans_model(parts)` encodes some spans of one or more traces (a shipper's batch) the same way;
+`proto_request` / `json_request` turn a model into an OTLP/HTTP request body.
+
 `export(store, session, format)` loads and converts in one call.
 """
 
@@ -15,7 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ._jsonl import jsonl
-from ._otlp import otlp_json, otlp_proto, traces_data
+from ._otlp import json_request, otlp_json, otlp_proto, proto_request, spans_model, traces_data
 from ._perfetto import perfetto, trace_events
 
 if TYPE_CHECKING:
@@ -41,4 +44,16 @@ def export(store: Store, session_id: str, format: str, *, include_io: bool = Fal
     return convert(trace)
 
 
-__all__ = ["FORMATS", "export", "jsonl", "otlp_json", "otlp_proto", "perfetto", "trace_events", "traces_data"]
+__all__ = [
+    "FORMATS",
+    "export",
+    "json_request",
+    "jsonl",
+    "otlp_json",
+    "otlp_proto",
+    "perfetto",
+    "proto_request",
+    "spans_model",
+    "trace_events",
+    "traces_data",
+]

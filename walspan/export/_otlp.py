@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from ._genai import native_attributes
@@ -135,20 +136,32 @@ def _native_resource(trace: dict[str, Any], writer: dict[str, Any] | None) -> di
 
 def model(trace: dict[str, Any], *, include_io: bool = False) -> dict[str, Any]:
     """The trace as an OTLP TracesData, protobuf field names, ids as bytes (see the module doc)."""
+    return spans_model([(trace, trace["spans"])], include_io=include_io)
+
+
+def spans_model(parts: Iterable[tuple[dict[str, Any], Iterable[dict[str, Any]]]], *, include_io: bool = False) -> dict[str, Any]:
+    """Some spans of one or more traces as one OTLP TracesData (what a shipper sends in a batch).
+
+    Each part is `(trace, spans)`: `trace` gives the context a span is encoded in (its
+    `session_id`, `trace_id`, `metadata` and `writers`, as in the folded trace dict; its own
+    `spans` are not read) and `spans` are folded span dicts of that trace. Spans are grouped
+    by resource and scope as `model()` groups a whole trace."""
     from .. import __version__
 
-    writers = {w["writer_id"]: w for w in trace["writers"]}
-    last_heard = {w["writer_id"]: w["last_time"] or 0 for w in trace["writers"]}
     groups: dict[str, tuple[dict[str, Any], dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]]] = {}
-    for s in trace["spans"]:
-        if "resource" in s:
-            res, scope = s["resource"], s.get("scope") or {}
-        else:
-            res, scope = _native_resource(trace, writers.get(s.get("writer_id") or "")), {"name": "walspan", "version": __version__}
-        rkey = json.dumps(res, sort_keys=True)
-        skey = json.dumps(scope, sort_keys=True)
-        scopes = groups.setdefault(rkey, (res, {}))[1]
-        scopes.setdefault(skey, (scope, []))[1].append(_span(trace, s, last_heard, include_io))
+    for trace, spans in parts:
+        writers = {w["writer_id"]: w for w in trace["writers"]}
+        last_heard = {w["writer_id"]: w["last_time"] or 0 for w in trace["writers"]}
+        for s in spans:
+            if "resource" in s:
+                res, scope = s["resource"], s.get("scope") or {}
+            else:
+                res = _native_resource(trace, writers.get(s.get("writer_id") or ""))
+                scope = {"name": "walspan", "version": __version__}
+            rkey = json.dumps(res, sort_keys=True)
+            skey = json.dumps(scope, sort_keys=True)
+            scopes = groups.setdefault(rkey, (res, {}))[1]
+            scopes.setdefault(skey, (scope, []))[1].append(_span(trace, s, last_heard, include_io))
     resource_spans = []
     for res, scopes in groups.values():
         rs: dict[str, Any] = {"resource": {}}
@@ -202,9 +215,19 @@ def otlp_json(trace: dict[str, Any], *, include_io: bool = False) -> bytes:
 def otlp_proto(trace: dict[str, Any], *, include_io: bool = False) -> bytes:
     """The serialized ExportTraceServiceRequest an OTLP/HTTP endpoint (/v1/traces,
     application/x-protobuf) takes, built with the official opentelemetry-proto messages."""
+    return proto_request(model(trace, include_io=include_io))
+
+
+def proto_request(m: dict[str, Any]) -> bytes:
+    """A model (`model()`, `spans_model()`) as a serialized ExportTraceServiceRequest."""
     try:
         from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
     except ImportError as exc:
         raise ImportError("OTLP protobuf export needs opentelemetry-proto: pip install 'walspan[otel]'") from exc
-    m = model(trace, include_io=include_io)
     return ExportTraceServiceRequest(resource_spans=m.get("resource_spans", [])).SerializeToString()  # type: ignore[no-any-return]
+
+
+def json_request(m: dict[str, Any]) -> bytes:
+    """A model as the OTLP/JSON body of an ExportTraceServiceRequest (POST /v1/traces,
+    application/json): the TracesData object without the trailing newline."""
+    return json.dumps(to_json_dict(m), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
