@@ -356,3 +356,19 @@ def test_one_session_is_never_shipped_by_two_shippers_at_once(tmp_path: Path) ->
         assert results["first"].ok and results["second"].ok  # type: ignore[attr-defined]
         assert results["second"].status.spans == 0  # type: ignore[attr-defined]
         assert check_in_order(rx.arrivals, end_order(d)) == 0 and len(rx.arrivals) == 84
+
+
+def test_a_partial_success_is_acknowledged_and_recorded_not_retried(tmp_path: Path) -> None:
+    """A 2xx whose ExportTraceServiceResponse reports rejected spans is acknowledged (the
+    OTLP spec says not to retry it): the cursor moves on, nothing is re-sent, the rejected
+    count and the receiver's message are recorded, and the run is not ok."""
+    d = str(tmp_path / "s")
+    write_trace(d, "a", 20)
+    with Receiver(faults=["partial"]) as rx:
+        result = Shipper(d, _opts(rx.url)).run()
+        assert not result.ok and result.status.rejected_spans == 3 and result.status.spans == 22 - 3
+        assert rx.requests == 1 and result.status.retries == 0
+        rejects = Path(CursorStore(d, default_name(rx.url)).path, "rejected.jsonl").read_text().splitlines()
+        entry = json.loads(rejects[0])
+        assert entry["partial"] is True and entry["spans"] == 3 and "too old" in entry["message"]
+        assert ship(d, rx.url).ok and rx.requests == 1
