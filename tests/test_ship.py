@@ -130,7 +130,7 @@ def test_json_protocol_without_gzip(tmp_path: Path) -> None:
 
 def test_fairness_a_busy_session_does_not_starve_the_others(tmp_path: Path) -> None:
     """With one session holding 3000 spans and 20 holding 5 each, every small session is
-    fully sent within the first requests: a batch takes an equal share from each session."""
+    fully sent within the first two requests: a batch takes an equal share from each session."""
     d = str(tmp_path / "s")
     write_trace(d, "big", 3000)
     small = {}
@@ -142,7 +142,7 @@ def test_fairness_a_busy_session_does_not_starve_the_others(tmp_path: Path) -> N
     with Receiver() as rx:
         assert ship(d, rx.url, batch_spans=100, window=1).ok
         last_small = max(a.request for a in rx.arrivals if a.trace_id in small)
-        assert last_small <= 2, f"small sessions finished only in request {last_small} of {rx.requests}"
+        assert last_small <= 1, f"small sessions finished only in request {last_small} of {rx.requests}"
         assert rx.requests >= 30
 
 
