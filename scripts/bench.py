@@ -916,6 +916,111 @@ def otel_bench(root: str, spans: int) -> dict[str, Any]:
     return out
 
 
+# -- shipping (optional: --only ship) ---------------------------------------------------------
+
+
+def _otlp_sink(conn: Any) -> None:
+    """A loopback OTLP/HTTP receiver in a process of its own (not sharing the shipper's GIL):
+    decodes every request with opentelemetry-proto, counts spans, answers 200."""
+    import gzip as _gzip
+    import http.server
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    count = [0]
+
+    class H(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            if self.headers.get("Content-Encoding") == "gzip":
+                body = _gzip.decompress(body)
+            if "json" in self.headers.get("Content-Type", ""):
+                data = json.loads(body)
+                count[0] += sum(len(ss.get("spans", [])) for rs in data.get("resourceSpans", []) for ss in rs.get("scopeSpans", []))
+            else:
+                req = ExportTraceServiceRequest.FromString(body)
+                count[0] += sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    conn.send(srv.server_address[1])
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    conn.recv()
+    conn.send(count[0])
+
+
+def _paced_writer(workdir: str, session: str, rate: float, seconds: float) -> None:
+    store = walspan.Store(workdir, durability="process", install_hooks=False)
+    t = store.open(session)
+    t0 = time.monotonic()
+    i = 0
+    while time.monotonic() - t0 < seconds:
+        t.start_span("step", kind="tool", attributes={"i": i}).end()
+        i += 1
+        time.sleep(max(0.0, t0 + i / rate - time.monotonic()))
+    t.end()
+    store.close()
+
+
+def ship_bench(root: str, sessions: int, spans: int, load_rate: float, load_seconds: float) -> dict[str, Any]:
+    """`walspan ship` throughput (a backlog of `sessions` x `spans` ended spans shipped --once,
+    per protocol) and lag (4 writer processes appending `load_rate` spans/s in all while a
+    follow-mode shipper runs: seconds from each record's append to its acknowledgement)."""
+    from walspan.ship import ShipOptions, Shipper
+
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe()
+    sink = ctx.Process(target=_otlp_sink, args=(child,), daemon=True)
+    sink.start()
+    url = f"http://127.0.0.1:{parent.recv()}/v1/traces"
+    out: dict[str, Any] = {"sessions": sessions, "spans_per_session": spans, "throughput": [], "lag": []}
+    backlog = tempfile.mkdtemp(dir=root)
+    store = walspan.Store(backlog, durability="process", install_hooks=False)
+    for k in range(sessions):
+        t = store.open(f"s{k}")
+        for i in range(spans):
+            t.start_span("step", kind="tool", attributes={"i": i}).end()
+        t.end()
+    store.close()
+    for protocol, gz in (("http/protobuf", True), ("http/protobuf", False), ("http/json", True)):
+        name = f"{protocol.split('/')[1]}{'-gzip' if gz else ''}"
+        t0 = time.perf_counter()
+        res = Shipper(backlog, ShipOptions(url, protocol=protocol, gzip=gz, name=name, give_up_after=60)).run()
+        dt = time.perf_counter() - t0
+        assert res.ok and res.status.spans == sessions * (spans + 1), res  # + each trace-status span
+        out["throughput"].append({"protocol": name, "spans": res.status.spans, "seconds": dt, "spans_per_s": res.status.spans / dt})
+    for batch_age, poll in ((0.2, 0.25), (0.05, 0.05)):
+        workdir = tempfile.mkdtemp(dir=root)
+        shipper = Shipper(workdir, ShipOptions(url, batch_age=batch_age, poll_interval=poll))
+        stop = threading.Event()
+        th = threading.Thread(target=shipper.run, kwargs={"follow": True, "stop": stop})
+        th.start()
+        writers = [ctx.Process(target=_paced_writer, args=(workdir, f"w{k}", load_rate / 4, load_seconds)) for k in range(4)]
+        for w in writers:
+            w.start()
+        for w in writers:
+            w.join()
+        while shipper.status().behind_bytes or shipper.status().pending_spans or shipper.status().in_flight:
+            time.sleep(0.05)
+        stop.set()
+        th.join()
+        lags = array.array("q", (int(x * 1e9) for x in shipper.ack_lags))
+        row = percentiles(lags)
+        out["lag"].append({"batch_age": batch_age, "poll_interval": poll, "load_spans_per_s": load_rate, "records": len(lags),
+                           **{k.replace("_us", "_ms"): v / 1000 for k, v in row.items() if k.endswith("_us")}})
+    parent.send("count")
+    out["received"] = parent.recv()
+    sink.terminate()
+    return out
+
+
 def throughput_configs(writers: list[int], walspan_threads: int) -> list[tuple[str, int, int]]:
     cfgs = [("raw-fdatasync", 1, 1)]
     for s in SYSTEMS[1:]:
@@ -1234,6 +1339,21 @@ def markdown(res: dict[str, Any]) -> str:
                   "| command | seconds | peak RSS MiB |", "|---|---|---|"]
         for label, row in rt["commands"].items():
             lines.append(f"| `walspan {label}` | {row['seconds']:,.2f} | {row['peak_rss_mib']:,.0f} |")
+    sh = res.get("ship")
+    if sh:
+        lines += ["", "## Shipping (`walspan ship`)", "",
+                  f"Throughput: a backlog of {sh['sessions']} sessions x {sh['spans_per_session']:,} ended spans shipped "
+                  "`--once` to a loopback OTLP/HTTP receiver (another process, decoding every request), default batch "
+                  "of 512 spans, 4 requests in flight:", "",
+                  "| protocol | spans | seconds | spans/s |", "|---|---:|---:|---:|"]
+        for r in sh["throughput"]:
+            lines.append(f"| {r['protocol']} | {r['spans']:,} | {r['seconds']:,.2f} | {r['spans_per_s']:,.0f} |")
+        lines += ["", "Lag: 4 writer processes appending spans at a steady total rate while `ship --follow` runs; "
+                  "seconds from each record's append to the receiver's acknowledgement (cursor saved):", "",
+                  "| load spans/s | --batch-age | poll | records | p50 ms | p99 ms | p99.9 ms | max ms |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in sh["lag"]:
+            lines.append(f"| {r['load_spans_per_s']:,.0f} | {r['batch_age']} | {r['poll_interval']} | {r['records']:,} | "
+                         f"{r['p50_ms']:,.0f} | {r['p99_ms']:,.0f} | {r['p999_ms']:,.0f} | {r['max_ms']:,.0f} |")
     if res.get("notes"):
         lines += ["", "## Notes", ""] + res["notes"]
     return "\n".join(lines) + "\n"
@@ -1336,7 +1456,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="throughput,json,length,compaction,recovery",
                     help="comma-separated parts to run (throughput,json,length,compaction,recovery; "
                          "otel, the OpenTelemetry processors' per-span cost, only when named: needs walspan[otel]; "
-                         "read, read tools at scale, only when named)")
+                         "read, read tools at scale, only when named; "
+                         "ship, `walspan ship` throughput and lag to a loopback OTLP receiver, only when named: needs walspan[otel])")
     ap.add_argument("--systems", default="", help="comma-separated systems for the throughput matrix (default: all)")
     args = ap.parse_args(argv)
     q = args.quick
@@ -1386,6 +1507,9 @@ def main(argv: list[str] | None = None) -> int:
         if "read" in parts:  # not in the default set: run with --only read
             log("read tools at scale")
             res["read_tools"] = read_tools_bench(root, 20_000 if q else 200_000, 200 if q else 1000, 1 if q else 3)
+        if "ship" in parts:  # not in the default set: run with --only ship
+            log("shipping: throughput and lag")
+            res["ship"] = ship_bench(root, 20, 5_000 if q else 25_000, 2000, 5 if q else 20)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     res["targets"] = evaluate_targets(res)

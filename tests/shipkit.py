@@ -20,8 +20,8 @@ from walspan.read import list_stems, read_records, summarize_stem
 #: Faults a receiver can answer a request with (one per request, in order; then "ok"):
 #: ok, reset (close before reading), timeout (read, never answer), cut (process, then close
 #: mid-response: the spans arrive but the shipper sees no answer), 500, 503, 429 (with
-#: Retry-After: `retry_after`), 400 (permanent).
-FAULTS = ("ok", "reset", "timeout", "cut", "500", "503", "429", "400")
+#: Retry-After: `retry_after`), 400 (permanent), partial (200 with a partial success).
+FAULTS = ("ok", "reset", "timeout", "cut", "500", "503", "429", "400", "partial")
 
 
 @dataclass
@@ -122,10 +122,19 @@ class Receiver:
             h.wfile.flush()
             h.close_connection = True
             return
+        answer = b""
+        if fault == "partial":  # accepted, but 3 spans refused (OTLP partial success)
+            from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+
+            r = ExportTraceServiceResponse()
+            r.partial_success.rejected_spans = 3
+            r.partial_success.error_message = "3 spans too old"
+            answer = r.SerializeToString()
         h.send_response(200)
         h.send_header("Content-Type", "application/x-protobuf")
-        h.send_header("Content-Length", "0")
+        h.send_header("Content-Length", str(len(answer)))
         h.end_headers()
+        h.wfile.write(answer)
 
     def _decode(self, body: bytes, content_type: str, n: int) -> None:
         if "json" in content_type:

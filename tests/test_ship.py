@@ -130,7 +130,7 @@ def test_json_protocol_without_gzip(tmp_path: Path) -> None:
 
 def test_fairness_a_busy_session_does_not_starve_the_others(tmp_path: Path) -> None:
     """With one session holding 3000 spans and 20 holding 5 each, every small session is
-    fully sent within the first requests: a batch takes an equal share from each session."""
+    fully sent within the first two requests: a batch takes an equal share from each session."""
     d = str(tmp_path / "s")
     write_trace(d, "big", 3000)
     small = {}
@@ -142,7 +142,7 @@ def test_fairness_a_busy_session_does_not_starve_the_others(tmp_path: Path) -> N
     with Receiver() as rx:
         assert ship(d, rx.url, batch_spans=100, window=1).ok
         last_small = max(a.request for a in rx.arrivals if a.trace_id in small)
-        assert last_small <= 2, f"small sessions finished only in request {last_small} of {rx.requests}"
+        assert last_small <= 1, f"small sessions finished only in request {last_small} of {rx.requests}"
         assert rx.requests >= 30
 
 
@@ -356,3 +356,19 @@ def test_one_session_is_never_shipped_by_two_shippers_at_once(tmp_path: Path) ->
         assert results["first"].ok and results["second"].ok  # type: ignore[attr-defined]
         assert results["second"].status.spans == 0  # type: ignore[attr-defined]
         assert check_in_order(rx.arrivals, end_order(d)) == 0 and len(rx.arrivals) == 84
+
+
+def test_a_partial_success_is_acknowledged_and_recorded_not_retried(tmp_path: Path) -> None:
+    """A 2xx whose ExportTraceServiceResponse reports rejected spans is acknowledged (the
+    OTLP spec says not to retry it): the cursor moves on, nothing is re-sent, the rejected
+    count and the receiver's message are recorded, and the run is not ok."""
+    d = str(tmp_path / "s")
+    write_trace(d, "a", 20)
+    with Receiver(faults=["partial"]) as rx:
+        result = Shipper(d, _opts(rx.url)).run()
+        assert not result.ok and result.status.rejected_spans == 3 and result.status.spans == 22 - 3
+        assert rx.requests == 1 and result.status.retries == 0
+        rejects = Path(CursorStore(d, default_name(rx.url)).path, "rejected.jsonl").read_text().splitlines()
+        entry = json.loads(rejects[0])
+        assert entry["partial"] is True and entry["spans"] == 3 and "too old" in entry["message"]
+        assert ship(d, rx.url).ok and rx.requests == 1

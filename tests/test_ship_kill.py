@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import random
 import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -50,11 +51,14 @@ def _trial(tmp: Path, seed: int) -> bool:
     where = rng.choice(["request", "processed", "step"])
     kill_at = rng.randint(0, 12)
     child_pid = [0]
+    reaped = threading.Lock()  # held while the child's pid may be killed (it is not reaped yet)
+    dead = [False]
 
     def kill(n: int, fault: str) -> bool:
-        if n == kill_at and child_pid[0]:
-            os.kill(child_pid[0], signal.SIGKILL)
-            return False
+        with reaped:
+            if n == kill_at and child_pid[0] and not dead[0]:
+                os.kill(child_pid[0], signal.SIGKILL)
+                return False
         return True
 
     with Receiver(faults=faults, retry_after="0") as rx:
@@ -65,6 +69,9 @@ def _trial(tmp: Path, seed: int) -> bool:
         p = CTX.Process(target=_child, args=(d, rx.url, batch, window, rng.randint(1, 40) if where == "step" else 0))
         p.start()
         child_pid[0] = p.pid or 0
+        os.waitid(os.P_PID, child_pid[0], os.WEXITED | os.WNOWAIT)  # exited, pid still ours
+        with reaped:
+            dead[0] = True  # a late request's hook never kills a pid the system may reuse
         p.join()
         first_run = len(rx.arrivals)
         rx.on_request = rx.on_processed = None

@@ -63,6 +63,7 @@ def register(sub: Any) -> None:
     s.add_argument("--name", help="name of this shipper's cursors in DIR/.walspan/ship/ (default: from the endpoint)")
     s.add_argument("--batch-size", type=_positive(int), default=512, metavar="SPANS", help="spans per request (default %(default)s)")
     s.add_argument("--batch-age", type=_positive(float), default=0.2, metavar="S", help="--follow: longest wait for a fuller batch (default %(default)s)")
+    s.add_argument("--interval", type=_positive(float), default=0.25, metavar="S", help="--follow: seconds between looks at the store (default %(default)s)")
     s.add_argument("--window", type=_positive(int), default=4, metavar="N", help="requests in flight at once (default %(default)s)")
     s.add_argument("--timeout", type=_positive(float), default=10.0, metavar="S", help="per request (default %(default)s)")
     s.add_argument("--give-up-after", type=_positive(float), metavar="S", help="stop when a batch keeps failing this long (default: 60 with --once, never with --follow)")
@@ -85,6 +86,7 @@ def cmd_ship(args: argparse.Namespace) -> int:
         batch_age=args.batch_age,
         window=args.window,
         timeout=args.timeout,
+        poll_interval=args.interval,
         give_up_after=args.give_up_after if args.give_up_after is not None else (None if args.follow else 60.0),
     )
     shipper = Shipper(args.dir, options)

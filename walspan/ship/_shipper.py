@@ -192,6 +192,9 @@ class Shipper:
         self.options = options
         self.cursors = CursorStore(self.directory, options.name or _cursors.default_name(options.endpoint))
         self.on_status: Callable[[ShipStatus], None] | None = None
+        #: seconds from a record's append to its acknowledgement, per span-bearing record (the
+        #: newest 100,000): what scripts/bench.py reports as the shipping lag
+        self.ack_lags: deque[float] = deque(maxlen=100_000)
         self._sessions: dict[str, _Session] = {}
         self._order: list[str] = []  # round-robin order of stems
         self._rr = 0
@@ -613,10 +616,13 @@ class Shipper:
     def _complete(self, batch: _Batch) -> None:
         """A sender is done with a batch (back in the run thread)."""
         self._in_flight.remove(batch)
+        now = time.time()
         for p in batch.parts:
             p.session.in_flight = False
             if batch.result in ("ack", "reject"):
                 p.session.saved = p.saved
+                if batch.result == "ack":
+                    self.ack_lags.extend(now - i.time / 1e9 for i in p.items if i.spans and i.time is not None)
             # else the run ends ("fail", "abandon"): the next one resumes from the saved cursor
         out = batch.outcome
         with self._lock:
