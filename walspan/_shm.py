@@ -16,9 +16,18 @@ cannot be trusted (docs/FORMAT.md, "Shared state"). Layout, little-endian, 128 b
     72  failed        u64  0, or 1 + durable_end when an fdatasync of the WAL failed
     80  crc           u32  crc32 of bytes 8..80
     88  flush_hint    u64  a flush leader's target: a hint, never trusted for durability
+    96  flushed_end   u64  the flush slot: a written_end read before an fdatasync that succeeded
+    104 flushed_gen   u64  the cut_gen read with it
+    112 flushed_crc   u32  crc32 of bytes 96..112
 
 Bytes 0..84 are written together, under the append lock only; a reader copies them in one
 slice and checks the crc, so a read racing a store is seen as "unknown", never as a value.
+The flush slot (96..116) is written only by the holder of the flush lock, after its fdatasync,
+so a flush raises the durable mark without taking the append lock. The durable mark a reader
+sees (State.durable_end) is the larger of durable_end and flushed_end, the slot counting only
+when its crc matches, its flushed_gen equals cut_gen (no cut or rebuild since its target was
+read) and flushed_end <= written_end; anything else leaves durable_end alone, which is always
+safe (it is lower).
 """
 
 from __future__ import annotations
@@ -41,6 +50,9 @@ _GROUP = struct.Struct("<8sQ16sQQQQQQ")
 _CRC_AT = _GROUP.size  # 80
 _GROUP_END = _CRC_AT + 4
 _HINT_AT = 88
+_SLOT_AT = 96
+_SLOT = struct.Struct("<QQ")
+_SLOT_END = _SLOT_AT + _SLOT.size + 4  # 116
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
@@ -73,14 +85,30 @@ def shm_path(wal_path: str) -> str:
     return os.path.join(directory, ".walspan", name[: -len(".wal")] + ".shm")
 
 
+def _flushed(raw: bytes, cut_gen: int, written_end: int) -> int:
+    """flushed_end of the flush slot in `raw` if it counts for this cut_gen and written_end, else 0."""
+    if len(raw) < _SLOT_END:
+        return 0
+    flushed_end, flushed_gen = _SLOT.unpack_from(raw, _SLOT_AT)
+    if flushed_gen != cut_gen or flushed_end > written_end:
+        return 0
+    if _U32.unpack_from(raw, _SLOT_END - 4)[0] != zlib.crc32(raw[_SLOT_AT : _SLOT_END - 4]):
+        return 0
+    return int(flushed_end)
+
+
 def decode(raw: bytes | mmap.mmap, salt: int, size: int) -> State | None:
-    """The state in `raw` (bytes 0..84 of a state file) if it describes the WAL with this salt
-    and is consistent with a log of `size` bytes, else None."""
+    """The state in `raw` (the first 84 bytes of a state file at least; with the flush slot,
+    116) if it describes the WAL with this salt and is consistent with a log of `size` bytes,
+    else None. durable_end is the durable mark: durable_end or the flush slot's, the larger."""
     if len(raw) < _GROUP_END:
         return None
     magic, s, boot, written_end, last_seq, terminal_off, durable_end, cut_gen, failed = _GROUP.unpack_from(raw, 0)
     if magic != MAGIC or s != _wal_ident(salt) or _U32.unpack_from(raw, _CRC_AT)[0] != zlib.crc32(raw[8:_CRC_AT]):
         return None
+    flushed = _flushed(bytes(raw[:_SLOT_END]), cut_gen, written_end)
+    if flushed > durable_end:
+        durable_end = flushed
     same_boot = boot == boot_id()
     if same_boot:
         if not FILE_HEADER_SIZE <= written_end <= size or durable_end > written_end:
@@ -116,7 +144,7 @@ def read_state(wal_path: str, salt: int, size: int) -> State | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     try:
-        raw = os.pread(fd, _GROUP_END, 0)
+        raw = os.pread(fd, SHM_SIZE, 0)
     finally:
         os.close(fd)
     return decode(raw, salt, size)
@@ -135,13 +163,19 @@ def read_durable_end(wal_path: str, salt: int, size: int) -> int:
 
 
 class SharedState:
-    """The mapped state file of one WAL, for one process."""
+    """The mapped state file of one WAL, for one process.
+
+    The last state this process stored or decoded is kept with the bytes it came from: while
+    the mapping holds the same bytes (and the log the same size), `read` skips the crc and the
+    unpacking. Any change by anyone (a store, a flush, a hint) changes the bytes and so
+    forces a full decode."""
 
     def __init__(self, path: str, salt: int) -> None:
         self.path = path
         self.salt = salt
         self._ident = _wal_ident(salt)
         self._boot = boot_id()
+        self._seen: tuple[bytes, int, State | None] = (b"", -1, None)
         fd = _fsutil.open_file(path, os.O_RDWR | os.O_CREAT)
         try:
             _allocate(fd, path)
@@ -152,35 +186,63 @@ class SharedState:
         self.fd = fd
 
     def read(self, size: int) -> State | None:
-        return decode(self._mm[0:_GROUP_END], self.salt, size)
+        raw = self._mm[0:_SLOT_END]
+        seen = self._seen
+        if raw == seen[0] and size == seen[1]:
+            return seen[2]
+        st = decode(raw, self.salt, size)
+        self._seen = (raw, size, st)
+        return st
 
     def store(self, written_end: int, last_seq: int, terminal_off: int, durable_end: int, cut_gen: int, failed: int) -> None:
         """Under the append lock only."""
         packed = _GROUP.pack(
             MAGIC, self._ident, self._boot, written_end, last_seq, terminal_off, durable_end, cut_gen, failed
         )
-        self._mm[0:_GROUP_END] = packed + _U32.pack(zlib.crc32(packed[8:]))
+        mm = self._mm
+        mm[0:_GROUP_END] = packed + _U32.pack(zlib.crc32(packed[8:]))
+        raw = mm[0:_SLOT_END]
+        flushed = _flushed(raw, cut_gen, written_end)
+        if flushed > durable_end:
+            durable_end = flushed
+        self._seen = (raw, written_end, State(written_end, last_seq, terminal_off, durable_end, cut_gen, failed, True))
 
     def durable_end(self) -> int:
-        """durable_end read without the append lock; 0 when unknown (a read racing a store, a
-        state of another WAL or kernel run, a recorded fdatasync failure)."""
-        raw = self._mm[0:_GROUP_END]
+        """The durable mark read without the append lock; 0 when unknown (a read racing a
+        store, a state of another WAL or kernel run, a recorded fdatasync failure)."""
+        raw = self._mm[0:_SLOT_END]
+        seen = self._seen
+        if raw == seen[0]:
+            st = seen[2]
+            return 0 if st is None or st.failed or not st.same_boot else st.durable_end
         if _U32.unpack_from(raw, _CRC_AT)[0] != zlib.crc32(raw[8:_CRC_AT]):
             return 0
-        magic, s, boot, _we, _seq, _term, durable_end, _gen, failed = _GROUP.unpack_from(raw, 0)
+        magic, s, boot, written_end, _seq, _term, durable_end, cut_gen, failed = _GROUP.unpack_from(raw, 0)
         if magic != MAGIC or s != self._ident or boot != self._boot or failed:
             return 0
-        return int(durable_end)
+        flushed = _flushed(raw, cut_gen, written_end)
+        return int(flushed if flushed > durable_end else durable_end)
 
-    def cut_gen_and_end(self) -> tuple[int, int] | None:
-        """(cut_gen, written_end) read without the append lock, or None if unknown."""
+    def flush_target(self) -> tuple[int, int, int] | None:
+        """(cut_gen, written_end, failed) read without the append lock, or None if unknown."""
         raw = self._mm[0:_GROUP_END]
         if _U32.unpack_from(raw, _CRC_AT)[0] != zlib.crc32(raw[8:_CRC_AT]):
             return None
-        magic, s, boot, written_end, _seq, _term, _de, cut_gen, _failed = _GROUP.unpack_from(raw, 0)
+        magic, s, boot, written_end, _seq, _term, _de, cut_gen, failed = _GROUP.unpack_from(raw, 0)
         if magic != MAGIC or s != self._ident or boot != self._boot:
             return None
-        return int(cut_gen), int(written_end)
+        return int(cut_gen), int(written_end), int(failed)
+
+    def publish_flushed(self, cut_gen: int, end: int) -> None:
+        """Record in the flush slot that every byte below `end` (a written_end read with
+        `cut_gen` before an fdatasync that then succeeded) is durable. Holder of the flush lock
+        only: it is the slot's only writer, so the slot never goes down within a cut_gen."""
+        mm = self._mm
+        old_end, old_gen = _SLOT.unpack_from(mm, _SLOT_AT)
+        if old_gen == cut_gen and old_end >= end:
+            return
+        slot = _SLOT.pack(end, cut_gen)
+        mm[_SLOT_AT:_SLOT_END] = slot + _U32.pack(zlib.crc32(slot))
 
     @property
     def flush_hint(self) -> int:
