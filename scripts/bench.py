@@ -47,6 +47,7 @@ import multiprocessing as mp
 import os
 import platform
 import random
+import resource
 import shutil
 import sqlite3
 import statistics
@@ -141,6 +142,19 @@ def parse_lines(data: bytes) -> dict[int, list[int]]:
 # -- appenders: one per system, built in the writer process -----------------------------------
 
 
+FSYNCS = [0]  # fdatasync/fsync calls made by this writer process (peers and walspan alike)
+
+
+def _counted(sync: Callable[[int], None]) -> Callable[[int], None]:
+    """`sync`, counting its calls in FSYNCS (the figure to drive down: fdatasyncs per append)."""
+
+    def counted(fd: int) -> None:
+        FSYNCS[0] += 1
+        sync(fd)
+
+    return counted
+
+
 class Appender:
     def __init__(self, append: Callable[[int], None], close: Callable[[], None]) -> None:
         self.append = append
@@ -150,7 +164,7 @@ class Appender:
 def make_appender(system: str, workdir: str, w: int) -> Appender:
     if system in ("raw-fdatasync", "flock+fdatasync-outside", "flock+fdatasync-inside", "flock+write"):
         fd = os.open(os.path.join(workdir, "events.jsonl"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        write, sync, flock = os.write, os.fdatasync, fcntl.flock
+        write, sync, flock = os.write, _counted(os.fdatasync), fcntl.flock
         EX, UN = fcntl.LOCK_EX, fcntl.LOCK_UN
 
         if system == "raw-fdatasync":
@@ -269,6 +283,9 @@ def writer_main(system: str, workdir: str, w: int, threads: int, seconds: float,
     try:
         gc.disable()
         if system.startswith("walspan"):
+            from walspan import _fsutil
+
+            _fsutil._sync = _counted(_fsutil._sync)  # every fdatasync walspan makes goes through it
             ws = WalspanWriters(system, workdir, w, threads)
             appends = [ws.appender(t) for t in range(threads)]
             close = ws.close
@@ -278,6 +295,8 @@ def writer_main(system: str, workdir: str, w: int, threads: int, seconds: float,
             ap = make_appender(system, workdir, w)
             appends, close, ids = [ap.append], ap.close, [w]
         barrier.wait(timeout=120)
+        FSYNCS[0] = 0
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
         if threads == 1:
             results = [_timed_loop(appends[0], seconds, limit)]
         else:
@@ -291,9 +310,12 @@ def writer_main(system: str, workdir: str, w: int, threads: int, seconds: float,
                 th.start()
             for th in ths:
                 th.join()
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        # CPU (user + system) and fdatasyncs of the whole process over the timed loops, once per process
+        usage = (ru1.ru_utime - ru0.ru_utime + ru1.ru_stime - ru0.ru_stime, FSYNCS[0])
         close()
-        for wid, (n, lats, t0, t1) in zip(ids, results):
-            queue.put(("ok", wid, n, lats.tobytes(), t0, t1))
+        for k, (wid, (n, lats, t0, t1)) in enumerate(zip(ids, results)):
+            queue.put(("ok", wid, n, lats.tobytes(), t0, t1, usage if k == 0 else (0.0, 0)))
     except BaseException:
         queue.put(("error", w, traceback.format_exc(), b"", 0, 0))
         try:
@@ -402,7 +424,11 @@ def run_config(system: str, procs: int, threads: int, seconds: float, root: str,
         for r in results:
             lats.frombytes(r[3])
         problem = verify(system, workdir, acked)
-        return {"events": total, "seconds": (t1 - t0) / 1e9, "rate": total / ((t1 - t0) / 1e9), "lats": lats, "void": problem}
+        cpu = sum(r[6][0] for r in results)
+        fsyncs = sum(r[6][1] for r in results)
+        return {"events": total, "seconds": (t1 - t0) / 1e9, "rate": total / ((t1 - t0) / 1e9), "lats": lats,
+                "cpu_us_per_append": cpu / total * 1e6 if total else None,
+                "fsyncs_per_append": fsyncs / total if total else None, "void": problem}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -19,6 +19,8 @@ cannot be trusted (docs/FORMAT.md, "Shared state"). Layout, little-endian, 128 b
     96  flushed_end   u64  the flush slot: a written_end read before an fdatasync that succeeded
     104 flushed_gen   u64  the cut_gen read with it
     112 flushed_crc   u32  crc32 of bytes 96..112
+    116 flush_seq     u32  bumped by every flush leader when it is done: the word flush waiters
+                           sleep on (a futex on Linux), never trusted for anything else
 
 Bytes 0..84 are written together, under the append lock only; a reader copies them in one
 slice and checks the crc, so a read racing a store is seen as "unknown", never as a value.
@@ -32,14 +34,16 @@ safe (it is lower).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import mmap
 import os
 import struct
+import sys
 import uuid
 import zlib
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from . import _fsutil
 from ._format import FILE_HEADER_SIZE, wal_keys
@@ -53,6 +57,7 @@ _HINT_AT = 88
 _SLOT_AT = 96
 _SLOT = struct.Struct("<QQ")
 _SLOT_END = _SLOT_AT + _SLOT.size + 4  # 116
+_SEQ_AT = 116
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
@@ -162,6 +167,30 @@ def read_durable_end(wal_path: str, salt: int, size: int) -> int:
     return 0 if st is None or st.failed else st.durable_end
 
 
+# Futex numbers of the architectures walspan runs on; elsewhere flush waiters fall back to flocks.
+_SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "arm64": 98}
+_FUTEX_WAIT, _FUTEX_WAKE = 0, 1  # not FUTEX_PRIVATE: the word is in a mapping shared by processes
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+@functools.lru_cache(maxsize=1)
+def _futex() -> tuple[Any, int] | None:
+    """(libc's syscall function, SYS_futex) on Linux where the number is known, else None."""
+    nr = _SYS_FUTEX.get(os.uname().machine) if hasattr(os, "uname") and sys.platform.startswith("linux") else None
+    if nr is None:
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.syscall
+    except (OSError, AttributeError):  # pragma: no cover
+        return None
+    fn.restype = ctypes.c_long
+    return fn, nr
+
+
 class SharedState:
     """The mapped state file of one WAL, for one process.
 
@@ -184,6 +213,37 @@ class SharedState:
             os.close(fd)
             raise
         self.fd = fd
+        futex = _futex()
+        self._seq_word: ctypes.c_uint32 | None = None
+        if futex is not None:
+            self._seq_word = ctypes.c_uint32.from_buffer(self._mm, _SEQ_AT)
+            self._seq_addr = ctypes.addressof(self._seq_word)
+            self._futex_call, self._futex_nr = futex
+
+    @property
+    def can_wait(self) -> bool:
+        """Whether flush waiters can sleep on flush_seq (a futex), rather than on flocks."""
+        return self._seq_word is not None
+
+    @property
+    def flush_seq(self) -> int:
+        return int(_U32.unpack_from(self._mm, _SEQ_AT)[0])
+
+    def end_flush(self) -> None:
+        """Bump flush_seq (holder of the flush lock only: it is the word's only writer)."""
+        self._mm[_SEQ_AT : _SEQ_AT + 4] = _U32.pack((self.flush_seq + 1) & 0xFFFFFFFF)
+
+    def wake_flush_waiters(self) -> None:
+        """Wake every process sleeping in wait_flush (after end_flush and the flush lock's release)."""
+        if self._seq_word is not None:
+            self._futex_call(self._futex_nr, ctypes.c_void_p(self._seq_addr), _FUTEX_WAKE, 0x7FFFFFFF, None, None, 0)
+
+    def wait_flush(self, seq: int, timeout: float) -> None:
+        """Sleep until flush_seq is no longer `seq` (a flush ended), or `timeout` seconds pass (a
+        leader that died mid-flush wakes nobody: the caller looks again). Returns at once if
+        flush_seq already moved. Only where can_wait."""
+        ts = _Timespec(int(timeout), int((timeout % 1) * 1e9))
+        self._futex_call(self._futex_nr, ctypes.c_void_p(self._seq_addr), _FUTEX_WAIT, seq, ctypes.byref(ts), None, 0)
 
     def read(self, size: int) -> State | None:
         raw = self._mm[0:_SLOT_END]
@@ -259,6 +319,7 @@ class SharedState:
         _fsutil.sync_data(self.fd, self.path)
 
     def close(self) -> None:
+        self._seq_word = None  # drop the export of the mapping, or it cannot be closed
         try:
             self._mm.close()
         except (BufferError, ValueError):  # pragma: no cover

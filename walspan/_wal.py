@@ -23,19 +23,20 @@ Group commit (durable level). After its write, an append needs its record (endin
    waits for it; if it covers E the thread returns, if not the first thread to wake leads the
    next flush, which covers every record its process's threads wrote meanwhile.
 3. Across processes, at most one flush runs at a time, led by the holder of the flush lock (an
-   exclusive flock on S.shm). The leader waits for a writer it finds mid-append (it takes and
-   drops the append lock: that record then joins its flush), reads (cut_gen, written_end W),
-   publishes W as flush_hint, runs one fdatasync and records W in the flush slot of the shared
-   state (the durable mark), without the append lock.
-4. A writer who finds the flush lock taken and flush_hint >= E waits for that flush (a shared
-   flock on S.shm: every such waiter wakes at once) and looks at the durable mark again.
-5. A writer that flush does not cover queues for the next one: the first to take the queue
-   lock (an exclusive flock on the WAL file itself) is the next leader. It waits for the flush
-   lock, drops the queue lock and leads the next flush, whose W covers the whole queue: every
-   record written while the previous flush ran. A writer that finds the queue lock taken waits
-   until the next leader has its target (a shared flock on the WAL) and starts again at 1.
-   Each flush thus covers every record written before it began, and the fdatasyncs run one
-   after the other, each for a whole batch, as a database's group commit does.
+   exclusive flock on S.shm, taken without blocking). The leader reads (cut_gen, written_end W),
+   publishes W as flush_hint, runs one fdatasync, records W in the flush slot of the shared
+   state (the durable mark, raised without the append lock), bumps flush_seq, drops the lock
+   and wakes every waiter.
+4. A writer who finds the flush lock taken sleeps until flush_seq moves (a futex on that word
+   of the shared mapping: every waiter wakes at once), then starts again at 1: the flush that
+   ended covered it, or it was written while that flush ran and the first such writer to take
+   the flush lock leads the next flush, whose W covers the whole queue (every record written
+   while the previous flush ran); the others are covered by it and sleep once more. Each flush
+   thus covers every record written before it began, and the fdatasyncs of one WAL run one
+   after the other, each for a whole batch, as a database's group commit does. The sleep has
+   a timeout (a leader that dies mid-flush wakes nobody; its flock is released by the kernel).
+   Where no futex is available, a writer covered by the hint of the flush in flight waits for
+   it with a shared flock on S.shm, and any other runs its own fdatasync at once.
 
 Interval level. Appends return after their write; a background thread per process (one for
 all its WALs) runs the group commit above for each WAL this process wrote to, at most every
@@ -49,7 +50,7 @@ written. The durable mark is raised only to a W read before an fdatasync that th
 durable_end under the append lock, the flush slot by the flush leader; either counts only while
 cut_gen is what it was when W was read (no cut since) and no process recorded a failed
 fdatasync; written_end only counts complete records, so every byte below W was written before
-that fdatasync began and is covered by it. flush_hint and the queue only decide whether to wait
+that fdatasync began and is covered by it. flush_hint and flush_seq only decide whether to wait
 or to flush: a stale value costs a flush or a second look, never a wrong acknowledgement. A
 failed fdatasync is never retried: it is recorded in the shared state, and every process then
 refuses appends to this WAL (DurabilityError) until `repair` re-writes and re-syncs what
@@ -92,6 +93,9 @@ _ATTACH, _DETACH = int(RecordType.WRITER_ATTACH), int(RecordType.WRITER_DETACH)
 _WRITER_TYPES = frozenset({_ATTACH, _DETACH, int(RecordType.WRITER_LOST)})
 _NO_PAYLOADS: frozenset[int] = frozenset()
 _SLOW_FSYNC_NS = 1_000_000_000
+#: How long a flush waiter sleeps at most before it looks again (a leader that died mid-flush
+#: wakes nobody); a flush normally ends, and wakes its waiters, in well under a millisecond.
+_FLUSH_WAIT_TIMEOUT = 0.05
 
 DURABLE = "durable"
 INTERVAL = "interval"
@@ -463,11 +467,15 @@ class WalHandle:
                     cv.notify_all()
 
     def _flush_across_processes(self, end: int) -> None:
-        """This process's one flush: lead one, wait for the one in flight that covers `end`,
-        or queue for the next one (module doc, steps 3-5)."""
+        """This process's one flush: lead one, or sleep until the flush in flight ends and look
+        again (module doc, steps 3-5)."""
         shm = self.shm
-        flush_fd, queue_fd = self._shm_fd, self.fd
+        if not shm.can_wait:
+            self._flush_with_flocks(end)
+            return
+        flush_fd = self._shm_fd
         while True:
+            seq = shm.flush_seq  # before the look: a flush ending after it makes the wait return at once
             if shm.durable_end() >= end:
                 return
             if _locking.try_lock(flush_fd):
@@ -476,34 +484,32 @@ class WalHandle:
                         self._lead(end)
                 finally:
                     _locking.unlock(flush_fd)
+                    shm.wake_flush_waiters()
                 return
-            if shm.flush_hint >= end:
-                _locking.lock_shared(flush_fd)  # wakes when the leader is done
-                _locking.unlock(flush_fd)
-                continue
-            if _locking.try_lock(queue_fd):
-                try:
-                    _locking.lock(flush_fd)  # the flush in flight is done
-                finally:
-                    _locking.unlock(queue_fd)  # before reading the target: it covers the queue
-                try:
-                    if shm.durable_end() < end:
-                        self._lead(end)
-                finally:
-                    _locking.unlock(flush_fd)
+            shm.wait_flush(seq, _FLUSH_WAIT_TIMEOUT)
+
+    def _flush_with_flocks(self, end: int) -> None:
+        """Where no futex is available: wait for a flush in flight that covers `end` with a
+        shared flock on S.shm; otherwise flush beside it (the kernel merges the two)."""
+        shm = self.shm
+        if _locking.try_lock(self._shm_fd):
+            try:
+                if shm.durable_end() < end:
+                    self._lead(end)
+            finally:
+                _locking.unlock(self._shm_fd)
+            return
+        if shm.flush_hint >= end:
+            _locking.lock_shared(self._shm_fd)  # wakes when the leader is done
+            _locking.unlock(self._shm_fd)
+            if shm.durable_end() >= end:
                 return
-            # another writer leads the next flush: wait until it holds the flush lock
-            _locking.lock_shared(queue_fd)
-            _locking.unlock(queue_fd)
+        self._sync()  # began after our record was written: that alone acknowledges it
 
     def _lead(self, end: int) -> None:
-        """Holding the flush lock: wait for a writer found mid-append, read the target, flush,
-        and raise the durable mark to the target (the flush slot), unless a cut happened or a
+        """Holding the flush lock: read the target, flush, and raise the durable mark to the target (the flush slot), unless a cut happened or a
         failure was recorded meanwhile (then the slot does not count: see _shm)."""
         shm = self.shm
-        with self._mutex:  # a writer holding the append lock has its record in the next pwrite
-            _locking.lock(self._lock_fd)
-            _locking.unlock(self._lock_fd)
         snap = shm.flush_target()
         if snap is not None and snap[2]:
             raise self._poisoned()  # another process's fdatasync failed: never flush over it
@@ -511,11 +517,13 @@ class WalHandle:
             shm.flush_hint = snap[1]
         try:
             self._sync()
+            if snap is not None and snap[1] >= end:
+                shm.publish_flushed(snap[0], snap[1])
         except DurabilityError:
             self._mark_failed()
             raise
-        if snap is not None and snap[1] >= end:
-            shm.publish_flushed(snap[0], snap[1])
+        finally:
+            shm.end_flush()  # after the mark: waiters look again, covered or to lead the next flush
         # else the state was unreadable or stale: our own record is covered, that is all
 
     def flush_written(self) -> None:
