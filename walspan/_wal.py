@@ -143,7 +143,6 @@ class WalHandle:
     _waiting: int
     _queue_cv: threading.Condition
     _queue: list[_Pending]
-    _writing: bool
 
     def __init__(self, store_dir: str, stem: str, durability: str, flush_interval: float = DEFAULT_FLUSH_INTERVAL) -> None:
         self.stem = stem
@@ -217,7 +216,7 @@ class WalHandle:
             raise self._failed
         if self._closed:
             raise ValueError(f"WAL handle for {self.path} is closed")
-        with self._mutex:
+        with self._exclusive():
             _locking.lock(self._lock_fd)
             try:
                 yield self._sync_locked(allow_failed)
@@ -300,7 +299,7 @@ class WalHandle:
         self.shm.store(st.written_end, st.last_seq, st.terminal_off, st.durable_end, st.cut_gen, 1 + st.durable_end)
 
     def _mark_failed(self) -> None:
-        with self._mutex:
+        with self._exclusive():
             _locking.lock(self._lock_fd)
             try:
                 st = self.shm.read(os.fstat(self.fd).st_size)
@@ -319,7 +318,7 @@ class WalHandle:
         - a recorded fdatasync failure: the records written since the last good flush are
           re-written from the page cache, checked, and fdatasynced again.
         Returns what was done, or None if the log was sound."""
-        with self._mutex:
+        with self._exclusive():
             _locking.lock(self._lock_fd)
             try:
                 return self._repair_locked()
@@ -389,49 +388,100 @@ class WalHandle:
 
     def append(self, rtype: int, payload: dict[str, Any], session_id: str) -> tuple[int, int]:
         """Append one record; return (seq, end offset) once it is acknowledged."""
-        item = _Pending(rtype, _packed_within_limit(payload))
+        body = _packed_within_limit(payload)
         if self._failed is not None:
             raise self._failed
         if self._closed:
             raise ValueError(f"WAL handle for {self.path} is closed")
+        mutex = self._mutex
+        if not self._queue and mutex.acquire(False):  # no other thread of ours is writing: write now
+            try:
+                _locking.lock(self._lock_fd)
+                try:
+                    # _sync_locked and LockedWal.append_packed, spelled out: this is the hot path
+                    size = os.lseek(self.fd, 0, os.SEEK_END)
+                    st = self.shm.read(size)
+                    if st is None or not st.same_boot or st.written_end != size or st.failed or st.terminal_off:
+                        wal = self._sync_locked()
+                        if wal.terminal_off:
+                            info = self.terminal_info(wal.terminal_off)
+                            raise TraceClosedError(session_id, info.get("status", "?"), info.get("message"))
+                        seq, end = wal.append_packed(rtype, body)
+                    else:
+                        seq = st.last_seq + 1
+                        frame = frame_record(self.keys, rtype, seq, body)
+                        try:
+                            _fsutil.write_all(self.fd, frame, size, self.path)
+                        except OSError as exc:
+                            _undo_write(self.fd, size)
+                            raise DurabilityError(self.path, "write", exc) from exc
+                        end = size + len(frame)
+                        self.shm.store(end, seq, end - len(frame) if rtype == _TERMINAL else 0, st.durable_end, st.cut_gen, 0)
+                        self.written_hi = end
+                finally:
+                    _locking.unlock(self._lock_fd)
+            finally:
+                mutex.release()
+                if self._queue:
+                    self._wake_queue()
+        else:
+            seq, end = self._append_queued(_Pending(rtype, body), session_id)
+        if self.durable and self.shm.durable_end() < end:
+            self.wait_durable(end)
+        return seq, end
+
+    def _append_queued(self, item: _Pending, session_id: str) -> tuple[int, int]:
+        """Another thread of this process is writing: queue the record; the next thread to get
+        the writer's mutex writes the whole queue in one locked section."""
         cv = self._queue_cv
+        batch = None
         with cv:
             self._queue.append(item)
-            while self._writing and not item.done:
-                cv.wait()  # another thread is writing; it or the next writer takes our record
-            batch = None
-            if not item.done:
-                self._writing = True
-                batch, self._queue = self._queue, []
+            while not item.done:
+                if self._mutex.acquire(False):
+                    batch, self._queue = self._queue, []
+                    break
+                cv.wait()  # the writer wakes us when it releases the mutex
         if batch is not None:
             try:
                 self._write_batch(batch, session_id)
             finally:
+                self._mutex.release()
                 with cv:
-                    self._writing = False
                     for it in batch:
                         it.done = True
-                    cv.notify_all()
+                    cv.notify_all()  # the records queued meanwhile: one of their threads writes them
         if item.error is not None:
             raise item.error
-        end = item.end
-        if self.durable:
-            if self.shm.durable_end() < end:
-                self.wait_durable(end)
-        return item.seq, end
+        return item.seq, item.end
+
+    def _wake_queue(self) -> None:
+        with self._queue_cv:
+            self._queue_cv.notify_all()
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """This process's writer mutex, for everything but appends: released with a wake-up
+        for threads that queued records meanwhile."""
+        self._mutex.acquire()
+        try:
+            yield
+        finally:
+            self._mutex.release()
+            if self._queue:
+                self._wake_queue()
 
     def _write_batch(self, batch: list[_Pending], session_id: str) -> None:
-        """Write the records of `batch` (queued by this process's threads) in one locked
-        section: one flock round-trip, one pwrite, one store of the shared state. Each record
-        gets its seq and end, or the error that refused it."""
+        """Holding the writer mutex: write the records of `batch` (queued by this process's
+        threads) in one locked section: one flock round-trip, one pwrite, one store of the
+        shared state. Each record gets its seq and end, or the error that refused it."""
         try:
-            with self._mutex:
-                _locking.lock(self._lock_fd)
-                try:
-                    wal = self._sync_locked()
-                    wal.append_batch(batch, session_id)
-                finally:
-                    _locking.unlock(self._lock_fd)
+            _locking.lock(self._lock_fd)
+            try:
+                wal = self._sync_locked()
+                wal.append_batch(batch, session_id)
+            finally:
+                _locking.unlock(self._lock_fd)
         except BaseException as exc:  # refused before anything was written (or the write failed)
             for it in batch:
                 if it.error is None and not it.end:
@@ -553,7 +603,6 @@ class WalHandle:
         self._waiting = 0  # threads waiting on _flush_cv
         self._queue_cv = threading.Condition(threading.Lock())
         self._queue = []  # records handed over by this process's threads, not yet written
-        self._writing = False  # a thread of this process is writing a batch
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -564,7 +613,7 @@ class WalHandle:
                 self.flush_written()  # a clean close leaves nothing for a power loss to take
             except DurabilityError as exc:
                 log.warning("walspan: %s: final flush failed: %s", self.path, exc)
-        with self._mutex:
+        with self._exclusive():
             if self._closed:
                 return
             self._closed = True
@@ -654,10 +703,7 @@ class LockedWal:
         try:
             _fsutil.write_all(h.fd, frame, offset, h.path)
         except OSError as exc:
-            try:  # leave no partial record behind; if this fails too, the next append repairs
-                os.ftruncate(h.fd, offset)
-            except OSError:
-                pass
+            _undo_write(h.fd, offset)
             raise DurabilityError(h.path, "write", exc) from exc
         end = offset + len(frame)
         if rtype == _TERMINAL:
@@ -704,10 +750,7 @@ class LockedWal:
         except OSError as exc:
             for it in written:
                 it.seq = it.end = 0
-            try:  # leave no partial record behind; if this fails too, the next append repairs
-                os.ftruncate(h.fd, offset)
-            except OSError:
-                pass
+            _undo_write(h.fd, offset)
             raise DurabilityError(h.path, "write", exc) from exc
         self.end, self.last_seq, self.terminal_off = end, seq, term
         h.shm.store(end, seq, term, self._durable, self._gen, self._failed)
@@ -746,6 +789,15 @@ class LockedWal:
                 _apply_writer_record(ws.attached, rtype, payload)
         ws.end = self.end
         return ws
+
+
+def _undo_write(fd: int, offset: int) -> None:
+    """After a failed write: leave no partial record behind (if this fails too, the next append
+    finds the torn bytes and cuts them)."""
+    try:
+        os.ftruncate(fd, offset)
+    except OSError:
+        pass
 
 
 class _Pending:
