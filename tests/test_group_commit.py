@@ -480,3 +480,34 @@ def test_writers_a_flush_in_flight_does_not_cover_share_the_next_one(store_dir: 
     for r in queued:
         assert len(r[3]) == 1 and r[3][0][1] >= r[3][0][0], r
     assert _events_per_span(store_dir, "s") == {"first": [0], **{f"q{i}": [0] for i in range(n)}}
+
+
+@pytest.mark.parametrize("woken, waits", [(0, False), (1, False), (2, True), (7, True)])
+def test_a_leader_waits_for_the_writers_the_last_flush_woke(
+    store_dir: Path, monkeypatch: pytest.MonkeyPatch, woken: int, waits: bool
+) -> None:
+    """commit_delay: when the previous flush woke more than one waiter (writers appending their
+    next records right now), the next leader waits half its last fdatasync (at most 0.2 ms)
+    before it reads its target; with one or none it flushes at once. Either way its record is
+    covered when the append returns."""
+    from walspan import _wal
+
+    store = walspan.Store(store_dir, install_hooks=False)
+    trace = store.open("s")
+    span = trace.start_span("a")
+    h = store._acquire_handle(store._session("s").stem)
+    h._last_sync_ns = 300_000
+    sleeps: list[float] = []
+    monkeypatch.setattr(_wal.time, "sleep", sleeps.append)
+    h.shm._mm[120:124] = woken.to_bytes(4, "little")  # what the previous leader recorded
+    span.add_event("e", {"n": 0})
+    assert sleeps == ([0.00015] if waits else [])
+    assert h.shm.durable_end() == store.wal_path("s").stat().st_size
+    h._last_sync_ns = 10_000_000  # a slow disk: the wait is capped
+    h.shm._mm[120:124] = woken.to_bytes(4, "little")
+    sleeps.clear()
+    span.add_event("e", {"n": 1})
+    assert sleeps == ([0.0002] if waits else [])
+    store._release_handle(h)
+    trace.close()
+    store.close()

@@ -21,6 +21,8 @@ cannot be trusted (docs/FORMAT.md, "Shared state"). Layout, little-endian, 128 b
     112 flushed_crc   u32  crc32 of bytes 96..112
     116 flush_seq     u32  bumped by every flush leader when it is done: the word flush waiters
                            sleep on (a futex on Linux), never trusted for anything else
+    120 woken         u32  how many waiters the last flush leader woke (a hint for the next
+                           leader's commit delay)
 
 Bytes 0..84 are written together, under the append lock only; a reader copies them in one
 slice and checks the crc, so a read racing a store is seen as "unknown", never as a value.
@@ -58,6 +60,7 @@ _SLOT_AT = 96
 _SLOT = struct.Struct("<QQ")
 _SLOT_END = _SLOT_AT + _SLOT.size + 4  # 116
 _SEQ_AT = 116
+_WOKEN_AT = 120
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
@@ -236,7 +239,14 @@ class SharedState:
     def wake_flush_waiters(self) -> None:
         """Wake every process sleeping in wait_flush (after end_flush and the flush lock's release)."""
         if self._seq_word is not None:
-            self._futex_call(self._futex_nr, ctypes.c_void_p(self._seq_addr), _FUTEX_WAKE, 0x7FFFFFFF, None, None, 0)
+            n = self._futex_call(self._futex_nr, ctypes.c_void_p(self._seq_addr), _FUTEX_WAKE, 0x7FFFFFFF, None, None, 0)
+            self._mm[_WOKEN_AT : _WOKEN_AT + 4] = _U32.pack(max(0, n))
+
+    @property
+    def woken(self) -> int:
+        """How many waiters the last flush leader woke: writers about to append again (a hint
+        for the next leader's wait, never trusted for anything else)."""
+        return int(_U32.unpack_from(self._mm, _WOKEN_AT)[0])
 
     def wait_flush(self, seq: int, timeout: float) -> None:
         """Sleep until flush_seq is no longer `seq` (a flush ended), or `timeout` seconds pass (a
