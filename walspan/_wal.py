@@ -13,8 +13,9 @@ otherwise it rebuilds it by scanning the log, truncating a torn tail (and keepin
 bytes as evidence when it cannot prove they were never acknowledged).
 
 Appends within a process. Threads hand their records to one writer: a thread that finds
-another thread writing queues its record and waits; the next writer takes the whole queue and
-writes it with one lock round-trip, one pwrite and one store of the shared state.
+another thread writing queues its record and waits for the writer's mutex; the next thread to
+get it takes the whole queue and writes it with one lock round-trip, one pwrite and one store of
+the shared state, and the threads whose records it wrote just pass the mutex on.
 
 Group commit (durable level). After its write, an append needs its record (ending at E) durable:
 
@@ -146,7 +147,7 @@ class WalHandle:
     _flush_cv: threading.Condition
     _flushing: bool
     _waiting: int
-    _queue_cv: threading.Condition
+    _queue_lock: threading.Lock
     _queue: list[_Pending]
 
     def __init__(self, store_dir: str, stem: str, durability: str, flush_interval: float = DEFAULT_FLUSH_INTERVAL) -> None:
@@ -428,8 +429,6 @@ class WalHandle:
                     _locking.unlock(self._lock_fd)
             finally:
                 mutex.release()
-                if self._queue:
-                    self._wake_queue()
         else:
             seq, end = self._append_queued(_Pending(rtype, body), session_id)
         if self.durable and self.shm.durable_end() < end:
@@ -437,45 +436,32 @@ class WalHandle:
         return seq, end
 
     def _append_queued(self, item: _Pending, session_id: str) -> tuple[int, int]:
-        """Another thread of this process is writing: queue the record; the next thread to get
-        the writer's mutex writes the whole queue in one locked section."""
-        cv = self._queue_cv
-        batch = None
-        with cv:
+        """Another thread of this process is writing: queue the record and wait for the writer's
+        mutex. Whoever gets it next writes every record queued by then in one locked section;
+        a thread that finds its record already written just passes the mutex on."""
+        with self._queue_lock:
             self._queue.append(item)
-            while not item.done:
-                if self._mutex.acquire(False):
+        self._mutex.acquire()
+        try:
+            if not item.done:
+                with self._queue_lock:
                     batch, self._queue = self._queue, []
-                    break
-                cv.wait()  # the writer wakes us when it releases the mutex
-        if batch is not None:
-            try:
-                self._write_batch(batch, session_id)
-            finally:
-                self._mutex.release()
-                with cv:
+                try:
+                    self._write_batch(batch, session_id)
+                finally:
                     for it in batch:
-                        it.done = True
-                    cv.notify_all()  # the records queued meanwhile: one of their threads writes them
+                        it.done = True  # read by their threads once they hold the mutex
+        finally:
+            self._mutex.release()
         if item.error is not None:
             raise item.error
         return item.seq, item.end
 
-    def _wake_queue(self) -> None:
-        with self._queue_cv:
-            self._queue_cv.notify_all()
-
     @contextmanager
     def _exclusive(self) -> Iterator[None]:
-        """This process's writer mutex, for everything but appends: released with a wake-up
-        for threads that queued records meanwhile."""
-        self._mutex.acquire()
-        try:
+        """This process's writer mutex, for everything but appends."""
+        with self._mutex:
             yield
-        finally:
-            self._mutex.release()
-            if self._queue:
-                self._wake_queue()
 
     def _write_batch(self, batch: list[_Pending], session_id: str) -> None:
         """Holding the writer mutex: write the records of `batch` (queued by this process's
@@ -519,6 +505,7 @@ class WalHandle:
         finally:
             with cv:
                 self._flushing = False
+                self._woke = self._waiting  # threads about to append again (see _lead)
                 if self._waiting:
                     cv.notify_all()
 
@@ -566,7 +553,7 @@ class WalHandle:
         """Holding the flush lock: read the target, flush, and raise the durable mark to the target (the flush slot), unless a cut happened or a
         failure was recorded meanwhile (then the slot does not count: see _shm)."""
         shm = self.shm
-        if shm.woken > 1 and self._last_sync_ns:
+        if (shm.woken > 1 or self._woke > 1) and self._last_sync_ns:
             # commit_delay: the writers the last flush woke are appending their next records
             # now; waiting half a flush lets this one cover them too instead of the next one.
             time.sleep(min(_MAX_COMMIT_DELAY, self._last_sync_ns / 2e9))
@@ -612,7 +599,8 @@ class WalHandle:
         self._flush_cv = threading.Condition(threading.Lock())
         self._flushing = False  # a thread of this process is flushing (or waiting on another's)
         self._waiting = 0  # threads waiting on _flush_cv
-        self._queue_cv = threading.Condition(threading.Lock())
+        self._woke = 0  # threads the last flush of this process woke
+        self._queue_lock = threading.Lock()
         self._queue = []  # records handed over by this process's threads, not yet written
 
     # -- lifecycle ------------------------------------------------------------------------
