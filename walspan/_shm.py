@@ -45,6 +45,7 @@ import struct
 import sys
 import uuid
 import zlib
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from . import _fsutil
@@ -105,6 +106,12 @@ def _flushed(raw: bytes, cut_gen: int, written_end: int) -> int:
     return int(flushed_end)
 
 
+def _slot_intact(raw: bytes) -> bool:
+    """Whether the flush slot in `raw` is whole (its crc matches) or was never written."""
+    slot = raw[_SLOT_AT : _SLOT_END - 4]
+    return _U32.unpack_from(raw, _SLOT_END - 4)[0] == zlib.crc32(slot) or not any(raw[_SLOT_AT:_SLOT_END])
+
+
 def decode(raw: bytes | mmap.mmap, salt: int, size: int) -> State | None:
     """The state in `raw` (the first 84 bytes of a state file at least; with the flush slot,
     116) if it describes the WAL with this salt and is consistent with a log of `size` bytes,
@@ -152,10 +159,27 @@ def read_state(wal_path: str, salt: int, size: int) -> State | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     try:
-        raw = os.pread(fd, SHM_SIZE, 0)
+        raw = _settled(lambda: os.pread(fd, SHM_SIZE, 0))
     finally:
         os.close(fd)
     return decode(raw, salt, size)
+
+
+_SETTLE_TRIES = 8
+
+
+def _settled(read: Callable[[], bytes]) -> bytes:
+    """The state's bytes, read until two reads in a row agree (at most a few times): a read
+    racing a store or a flush leader's slot write would otherwise see a crc mismatch and take
+    the state, or the slot, for unknown, so that a mark another process saw could look lower.
+    Unknown stays safe; this only keeps readers from seeing it for a write in progress."""
+    a = read()
+    for _ in range(_SETTLE_TRIES):
+        b = read()
+        if a == b:
+            return b
+        a = b
+    return a
 
 
 def read_witness(wal_path: str, salt: int, size: int) -> int:
@@ -278,13 +302,17 @@ class SharedState:
         self._seen = (raw, written_end, State(written_end, last_seq, terminal_off, durable_end, cut_gen, failed, True))
 
     def durable_end(self) -> int:
-        """The durable mark read without the append lock; 0 when unknown (a read racing a
-        store, a state of another WAL or kernel run, a recorded fdatasync failure)."""
-        raw = self._mm[0:_SLOT_END]
+        """The durable mark read without the append lock; 0 when unknown (a state of another
+        WAL or kernel run, a recorded fdatasync failure, a read racing a write that did not
+        settle)."""
+        mm = self._mm
+        raw = mm[0:_SLOT_END]
         seen = self._seen
         if raw == seen[0]:
             st = seen[2]
             return 0 if st is None or st.failed or not st.same_boot else st.durable_end
+        if _U32.unpack_from(raw, _CRC_AT)[0] != zlib.crc32(raw[8:_CRC_AT]) or not _slot_intact(raw):
+            raw = _settled(lambda: mm[0:_SLOT_END])  # a store or a slot write in progress
         if _U32.unpack_from(raw, _CRC_AT)[0] != zlib.crc32(raw[8:_CRC_AT]):
             return 0
         magic, s, boot, written_end, _seq, _term, durable_end, cut_gen, failed = _GROUP.unpack_from(raw, 0)
