@@ -1261,9 +1261,16 @@ NOTES = [
     "its Python runs cold after each sleep (the CPU-per-append column: walspan's durable appends cost about "
     "as much CPU as the peer's, whose CPU is mostly the kernel's fdatasync work). A serialised flush also "
     "leaves the disk idle while the next leader is scheduled; the commit delay trades some of that for "
-    "larger batches. The gap to 1.5x is therefore CPU per append, not fdatasyncs: with 16 processes, where "
-    "batches are larger, walspan passes the peer. SQLite FULL in WAL mode runs near the one-stream limit "
-    "here, so the 2.5x over it follows the same curve.",
+    "larger batches. The gap to 1.5x is therefore CPU per append and scheduling, not fdatasyncs: walspan "
+    "matches the peer at 8 and 16 processes with 7-12 times fewer fdatasyncs. SQLite FULL in WAL mode "
+    "runs near the one-stream limit here, so the 2.5x over it is met.",
+    "- **Worst durable append during the 1,000,000-span compaction.** The JSON is now synced 2 MiB at a "
+    "time; the remaining outliers (a few tens of ms at most, p99.9 a few ms) come with the disk shared "
+    "with other work: in a run with a quieter disk the worst was 6.5 ms (before: 57-122 ms).",
+    "- **Single-stream figures in a run with a contended disk.** When other work hammers the disk (see the "
+    "one-stream `write`+`fdatasync` and `fdatasync` inside the lock rows), single-writer figures (1 process "
+    "against the one-stream loop, events/s against trace length, `recover()` of 1,000 sessions, each one "
+    "fdatasync after another) fall with it, and the ratios built on them swing: compare within a run.",
     "- **8 threads against 1 thread.** The threads share one flush at a time and write in batches, but all "
     "their Python (validation, msgpack, framing, the wake-ups) runs under one GIL: about 8 appends' worth "
     "of Python per flush cycle caps a single process well below 3x one thread.",
@@ -1273,7 +1280,9 @@ NOTES = [
     "view per append and reads the shared state through cached bytes; what is left is spread over the "
     "layers (no single item above ~1 µs in the profile).",
     "- **p99.9 under 8 writers.** 8 processes on 2 cores: a writer descheduled between its write and its "
-    "wake-up, or a leader descheduled while it holds the flush lock, delays the others.",
+    "wake-up, or a leader descheduled while it holds the flush lock, delays the others; in absolute terms "
+    "p99.9 is a few ms, as for the peer (whose fdatasyncs are merged by the kernel with no scheduling "
+    "between them), and the ratio to a fast median fdatasync (0.1-0.2 ms) is large.",
     "",
     "## Reading the table",
     "",
