@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import multiprocessing as mp
-import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -379,7 +378,9 @@ def test_free_running_processes_every_acknowledged_append_is_covered(store_dir: 
     assert _events_per_span(store_dir, "s") == {f"p{i}": list(range(per)) for i in range(n)}
 
 
-def _stalled_leader(store_dir: str, flushing: Any, second_done: Any, out: Any) -> None:
+def _stalled_leader(store_dir: str, flushing: Any, release: Any, done: Any, out: Any) -> None:
+    """Append one event whose flush stalls (inside its fdatasync, holding the flush lock)
+    until `release` is set; detach only once `done` is set."""
     try:
         store = walspan.Store(store_dir, install_hooks=False)
         trace = store.open("s")
@@ -391,55 +392,128 @@ def _stalled_leader(store_dir: str, flushing: Any, second_done: Any, out: Any) -
             if op == "fsync" and path == wal and armed[0]:
                 armed[0] = False
                 flushing.set()
-                assert second_done.wait(WAIT), "the second writer queued behind a flush that did not cover it"
+                assert release.wait(WAIT)
 
         _fsutil.faults.hook = hook
         span.add_event("e", {"n": 0})
         _fsutil.faults.hook = None
+        assert done.wait(WAIT)  # no flush of ours (the detach) may serve the queued writers
         trace.close()
         store.close()
-        out.put(("ok", ""))
+        out.put(("ok", "first", 1, []))
     except BaseException as exc:  # pragma: no cover - reported by the test
-        out.put(("error", repr(exc)))
+        out.put(("error", "first", repr(exc), []))
 
 
-def test_a_process_does_not_queue_behind_another_process_flush_that_cannot_cover_it(store_dir: Path) -> None:
-    """A record written after another process's flush began is not covered by that flush: its
-    writer runs its own fdatasync at once (it returns while the other flush is still stalled
-    in the fault hook, holding the flush lock), with durable_end past its record."""
-    store = walspan.Store(store_dir, install_hooks=False)
-    trace = store.open("s")
-    span = trace.start_span("second")
-    ctx = mp.get_context("fork")
-    flushing, second_done, out = ctx.Event(), ctx.Event(), ctx.Queue()
-    p = ctx.Process(target=_stalled_leader, args=(str(store_dir), flushing, second_done, out))
-    p.start()
+def _queued_writer(store_dir: str, i: int, ready: Any, go: Any, written: Any, out: Any) -> None:
+    """Append one event after the stalled flush began; report this process's fdatasyncs of
+    the WAL and (end, durable mark) when the append returned."""
     try:
-        assert flushing.wait(WAIT)
+        store = walspan.Store(store_dir, install_hooks=False)
+        trace = store.open("s")
+        span = trace.start_span(f"q{i}")
         wal = str(store.wal_path("s"))
-        calls = [0]
+        fsyncs = [0]
 
         def hook(op: str, path: str) -> None:
             if op == "fsync" and path == wal:
-                calls[0] += 1
+                fsyncs[0] += 1
 
+        original = WalHandle.wait_durable
+        acks: list[tuple[int, int]] = []
+
+        def wait_durable(self: WalHandle, end: int) -> None:
+            written.set()  # our record is written; the test releases the stalled flush after all are
+            original(self, end)
+            acks.append((end, self._durable_end()))
+
+        ready.set()
+        assert go.wait(WAIT)  # the other process's flush is stalled now
+        WalHandle.wait_durable = wait_durable  # type: ignore[method-assign]
         _fsutil.faults.hook = hook
-        try:
-            span.add_event("e", {"n": 0})  # written after the other process's flush read its target
-        finally:
-            _fsutil.faults.hook = None
-        end = os.path.getsize(wal)
-        h = store._acquire_handle(store._session("s").stem)
-        try:
-            assert h._durable_end() >= end
-        finally:
-            store._release_handle(h)
-        assert calls[0] == 1
+        span.add_event("e", {"n": 0})
+        _fsutil.faults.hook = None
+        WalHandle.wait_durable = original  # type: ignore[method-assign]
+        trace.close()
+        store.close()
+        out.put(("ok", i, fsyncs[0], acks))
+    except BaseException as exc:  # pragma: no cover - reported by the test
+        out.put(("error", i, repr(exc), []))
+
+
+def test_writers_a_flush_in_flight_does_not_cover_share_the_next_one(store_dir: Path) -> None:
+    """Records written after a flush began (here: three processes, while another process's
+    flush is stalled inside its fdatasync) are not covered by it. Their writers queue for the
+    next flush: one of them leads it once the stalled one is done, and that one fdatasync
+    covers the whole queue (the others run none); each returns with the durable mark past its
+    record, and every event is in the WAL."""
+    walspan.Store(store_dir, install_hooks=False).open("s").close()
+    ctx = mp.get_context("fork")
+    flushing, release, go, done, out = ctx.Event(), ctx.Event(), ctx.Event(), ctx.Event(), ctx.Queue()
+    n = 3
+    ready = [ctx.Event() for _ in range(n)]
+    written = [ctx.Event() for _ in range(n)]
+    qs = [ctx.Process(target=_queued_writer, args=(str(store_dir), i, ready[i], go, written[i], out)) for i in range(n)]
+    for q in qs:
+        q.start()
+    for ev in ready:  # attached and span started: no setup flush is pending
+        assert ev.wait(WAIT)
+    p = ctx.Process(target=_stalled_leader, args=(str(store_dir), flushing, release, done, out))
+    p.start()
+    try:
+        assert flushing.wait(WAIT)
+        go.set()
+        for ev in written:
+            assert ev.wait(WAIT)
     finally:
-        second_done.set()
-        result = out.get(timeout=WAIT)
-        p.join(WAIT)
-    assert result == ("ok", "")
+        release.set()
+    try:
+        results = [out.get(timeout=WAIT) for _ in range(n)]
+    finally:
+        done.set()
+    results.append(out.get(timeout=WAIT))
+    for proc in [p, *qs]:
+        proc.join(WAIT)
+    assert [r for r in results if r[0] != "ok"] == []
+    queued = [r for r in results if r[1] != "first"]
+    assert sum(r[2] for r in queued) == 1, [r[2] for r in queued]
+    for r in queued:
+        assert len(r[3]) == 1 and r[3][0][1] >= r[3][0][0], r
+    assert _events_per_span(store_dir, "s") == {"first": [0], **{f"q{i}": [0] for i in range(n)}}
+
+
+@pytest.mark.parametrize("woken, waits", [(0, False), (1, False), (2, True), (7, True)])
+def test_a_leader_waits_for_the_writers_the_last_flush_woke(
+    store_dir: Path, monkeypatch: pytest.MonkeyPatch, woken: int, waits: bool
+) -> None:
+    """commit_delay: when the previous flush woke more than one waiter (writers appending their
+    next records right now: processes through the futex, or this process's threads), the next
+    leader waits half its last fdatasync (at most 0.2 ms)
+    before it reads its target; with one or none it flushes at once. Either way its record is
+    covered when the append returns."""
+    from walspan import _wal
+
+    store = walspan.Store(store_dir, install_hooks=False)
+    trace = store.open("s")
+    span = trace.start_span("a")
+    h = store._acquire_handle(store._session("s").stem)
+    h._last_sync_ns = 300_000
+    sleeps: list[float] = []
+    monkeypatch.setattr(_wal.time, "sleep", sleeps.append)
+    h.shm._mm[120:124] = woken.to_bytes(4, "little")  # what the previous leader recorded
+    span.add_event("e", {"n": 0})
+    assert sleeps == ([0.00015] if waits else [])
+    assert h.shm.durable_end() == store.wal_path("s").stat().st_size
+    h._last_sync_ns = 10_000_000  # a slow disk: the wait is capped
+    h.shm._mm[120:124] = woken.to_bytes(4, "little")
+    sleeps.clear()
+    span.add_event("e", {"n": 1})
+    assert sleeps == ([0.0002] if waits else [])
+    h._woke = woken  # the threads of this process that the last flush woke count the same way
+    h._last_sync_ns = 10_000_000
+    sleeps.clear()
+    span.add_event("e", {"n": 2})
+    assert sleeps == ([0.0002] if waits else [])
+    store._release_handle(h)
     trace.close()
     store.close()
-    assert _events_per_span(store_dir, "s") == {"first": [0], "second": [0]}

@@ -11,6 +11,10 @@ harness parts a and b).
 What a power loss can lose, by durability level (the statements these tests pin):
 - durable: nothing acknowledged. An append returns only once durable_end covers its record,
   so every acknowledged record lies below the last fdatasync position.
+- interval: every record acknowledged after the last completed flush began (the background
+  flusher starts one at most every `flush_interval` seconds while the WAL has unflushed
+  records, so about the last interval of events), always a suffix of the log, never a hole;
+  every event acknowledged before that flush read its target survives.
 - process: every record appended after the WAL's last fdatasync. In process mode walspan
   fdatasyncs the WAL only when it creates it (the header, the trace start and the creator's
   attach record, written as one file), when it truncates a torn tail, and before a compaction
@@ -358,6 +362,93 @@ def test_process_mode_power_loss_loses_only_what_followed_the_last_fdatasync(tmp
         status = expected_status(records, cut)
         assert doc["status"] == status
         assert_usable_after(store, d, status)
+
+
+_INTERVAL_WRITER = textwrap.dedent(
+    """
+    import json, os, sys, threading, time
+    import walspan
+    from walspan import _shm
+    store_dir, phases, per_phase = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    store = walspan.Store(store_dir, durability="interval", flush_interval=0.005, install_hooks=False)
+    wal = str(store.wal_path("s"))
+    targets = []  # (monotonic time, W) each time a flush leader read its target
+    published = threading.Condition()
+    marks = [0]
+    read_target = _shm.SharedState.flush_target
+    publish = _shm.SharedState.publish_flushed
+
+    def flush_target(shm):
+        snap = read_target(shm)
+        if snap is not None:
+            targets.append((time.monotonic(), snap[1]))
+        return snap
+
+    def publish_flushed(shm, gen, end):
+        publish(shm, gen, end)
+        with published:
+            marks[0] = max(marks[0], end)
+            published.notify_all()
+
+    _shm.SharedState.flush_target = flush_target
+    _shm.SharedState.publish_flushed = publish_flushed
+    trace = store.open("s")
+    span = trace.start_span("work", attributes={"w": 0, "n": 0})
+    n = 0
+    acks = []
+    for phase in range(phases + 1):
+        for _ in range(per_phase):
+            n += 1
+            span.add_event("e", {"w": 0, "n": n, "pad": "p" * (n % 200)})
+            acks.append((n, time.monotonic()))
+        if phase < phases:  # the flusher alone makes this phase durable (no close, no call)
+            end = os.path.getsize(wal)
+            with published:
+                assert published.wait_for(lambda: marks[0] >= end, 60)
+    sys.stdout.write(json.dumps({"acks": acks, "targets": list(targets)}))
+    sys.stdout.flush()
+    os._exit(0)  # the power goes out: whatever the flusher has not flushed may be lost
+    """
+)
+
+
+def test_interval_power_loss_loses_only_what_followed_the_last_completed_flush(tmp_path: Path) -> None:
+    """Interval mode (flush_interval 5 ms): a writer appends in phases, each made durable by the
+    background flusher alone, then one more phase, and dies. Power-loss images: the WAL cut at
+    the final durable mark and at random points after it, then zeros or garbage sectors. On each:
+    no corruption; exactly the records whole before the cut survive (a prefix, never a hole);
+    every event acknowledged before the last completed flush read its target survives (the
+    bound: only events acknowledged after that flush began can be lost); the trace is crashed."""
+    src = tmp_path / "src"
+    src.mkdir()
+    proc = subprocess.run([sys.executable, "-c", _INTERVAL_WRITER, str(src), "4", "150"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    data = (src / "s.wal").read_bytes()
+    durable = shm_durable_end(src)
+    records, _ = tagged_records(src / "s.wal")
+    end_of = {tag[1]: end for _o, end, tag in records if tag is not None}
+    acked = [(n, t) for n, t in report["acks"]]
+    assert len(acked) == 5 * 150 and all(n in end_of for n, _t in acked)
+    # the last completed flush: the one whose target is the final durable mark
+    began = min(t for t, w in report["targets"] if w == durable)
+    before = [n for n, t in acked if t < began]
+    assert len(before) >= 4 * 150  # the four phases the flusher made durable
+    assert all(end_of[n] <= durable for n in before), "an event acknowledged before the last flush began is past it"
+    rng = random.Random(3)
+    cuts = [durable] * 2 + sorted(rng.randrange(durable, len(data) + 1) for _ in range(6))
+    for i, cut in enumerate(cuts):
+        image = power_loss_image(data, cut, rng, ("zeros", "garbage")[i % 2], i % 3)
+        d = tmp_path / f"img{i}"
+        store, rep = recover_image(d, image)
+        assert rep.corrupt == [], (cut, rep.corrupt)
+        doc = store.load("s")
+        got = [n for _w, n in present_ops(doc)]
+        assert got == [t[1] for _o, end, t in records if t is not None and end <= cut]  # a prefix
+        assert set(before) <= set(got)
+        assert doc["status"] == "crashed"
+        assert_usable_after(store, d)
 
 
 def test_unsynced_sectors_persisted_out_of_order_are_reported_not_dropped(tmp_path: Path) -> None:

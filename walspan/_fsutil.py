@@ -101,12 +101,15 @@ def tmp_name(final: str) -> str:
     return f"{final}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
 
 
+#: A large file is written and synced this many bytes at a time (see _write_synced_tmp).
+SYNC_CHUNK = 2 << 20
 #: A source range to copy: (file descriptor, offset, length), read in chunks, never whole.
 FileRange = tuple[int, int, int]
-_COPY_CHUNK = 8 << 20
+_COPY_CHUNK = SYNC_CHUNK
 
 
 def _copy_range(dst: int, src: FileRange, path: str) -> None:
+    """Copy the range in chunks, each synced before the next is written (see _write_synced_tmp)."""
     fd, offset, length = src
     done = 0
     while done < length:
@@ -115,11 +118,19 @@ def _copy_range(dst: int, src: FileRange, path: str) -> None:
             raise OSError(errno.EIO, f"the source ended {length - done} bytes early", path)
         write_all(dst, chunk, done, path)
         done += len(chunk)
+        if done < length:
+            sync_data(dst, path)
 
 
 def _write_synced_tmp(final: str, data: bytes | FileRange) -> str:
-    """A new temporary file beside `final` holding `data` (bytes, or a range of another file
-    copied in chunks, so a large one is never held in memory), fsynced; its path."""
+    """A new temporary file beside `final` holding `data` (bytes, or a range of another file,
+    copied in chunks so that a large one is never held in memory), fsynced; its path.
+
+    Large data is written in chunks of SYNC_CHUNK bytes, each synced before the next is written:
+    on ext4 (data=ordered) a journal commit, which every concurrent fdatasync of a WAL on the
+    same file system waits for, first writes out the dirty data of files it allocated blocks
+    for, so a JSON of hundreds of MB written whole and synced once would stall the appends of
+    every session for as long as that writeback takes. In chunks, at most one chunk is dirty."""
     tmp = tmp_name(final)
     fd = open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
@@ -127,7 +138,13 @@ def _write_synced_tmp(final: str, data: bytes | FileRange) -> str:
             faults("write", tmp)
             _copy_range(fd, data, tmp)
         else:
-            write_all(fd, data, 0, tmp)
+            view = memoryview(data)
+            offset = 0
+            while len(data) - offset > SYNC_CHUNK:
+                write_all(fd, view[offset : offset + SYNC_CHUNK], offset, tmp)
+                sync_data(fd, tmp)
+                offset += SYNC_CHUNK
+            write_all(fd, view[offset:], offset, tmp)
         sync_data(fd, tmp)
     except BaseException:
         os.close(fd)

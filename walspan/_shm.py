@@ -16,21 +16,37 @@ cannot be trusted (docs/FORMAT.md, "Shared state"). Layout, little-endian, 128 b
     72  failed        u64  0, or 1 + durable_end when an fdatasync of the WAL failed
     80  crc           u32  crc32 of bytes 8..80
     88  flush_hint    u64  a flush leader's target: a hint, never trusted for durability
+    96  flushed_end   u64  the flush slot: a written_end read before an fdatasync that succeeded
+    104 flushed_gen   u64  the cut_gen read with it
+    112 flushed_crc   u32  crc32 of bytes 96..112
+    116 flush_seq     u32  bumped by every flush leader when it is done: the word flush waiters
+                           sleep on (a futex on Linux), never trusted for anything else
+    120 woken         u32  how many waiters the last flush leader woke (a hint for the next
+                           leader's commit delay)
 
 Bytes 0..84 are written together, under the append lock only; a reader copies them in one
 slice and checks the crc, so a read racing a store is seen as "unknown", never as a value.
+The flush slot (96..116) is written only by the holder of the flush lock, after its fdatasync,
+so a flush raises the durable mark without taking the append lock. The durable mark a reader
+sees (State.durable_end) is the larger of durable_end and flushed_end, the slot counting only
+when its crc matches, its flushed_gen equals cut_gen (no cut or rebuild since its target was
+read) and flushed_end <= written_end; anything else leaves durable_end alone, which is always
+safe (it is lower).
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import mmap
 import os
 import struct
+import sys
 import uuid
 import zlib
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from . import _fsutil
 from ._format import FILE_HEADER_SIZE, wal_keys
@@ -41,6 +57,11 @@ _GROUP = struct.Struct("<8sQ16sQQQQQQ")
 _CRC_AT = _GROUP.size  # 80
 _GROUP_END = _CRC_AT + 4
 _HINT_AT = 88
+_SLOT_AT = 96
+_SLOT = struct.Struct("<QQ")
+_SLOT_END = _SLOT_AT + _SLOT.size + 4  # 116
+_SEQ_AT = 116
+_WOKEN_AT = 120
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
@@ -73,14 +94,36 @@ def shm_path(wal_path: str) -> str:
     return os.path.join(directory, ".walspan", name[: -len(".wal")] + ".shm")
 
 
+def _flushed(raw: bytes, cut_gen: int, written_end: int) -> int:
+    """flushed_end of the flush slot in `raw` if it counts for this cut_gen and written_end, else 0."""
+    if len(raw) < _SLOT_END:
+        return 0
+    flushed_end, flushed_gen = _SLOT.unpack_from(raw, _SLOT_AT)
+    if flushed_gen != cut_gen or flushed_end > written_end:
+        return 0
+    if _U32.unpack_from(raw, _SLOT_END - 4)[0] != zlib.crc32(raw[_SLOT_AT : _SLOT_END - 4]):
+        return 0
+    return int(flushed_end)
+
+
+def _slot_intact(raw: bytes) -> bool:
+    """Whether the flush slot in `raw` is whole (its crc matches) or was never written."""
+    slot = raw[_SLOT_AT : _SLOT_END - 4]
+    return _U32.unpack_from(raw, _SLOT_END - 4)[0] == zlib.crc32(slot) or not any(raw[_SLOT_AT:_SLOT_END])
+
+
 def decode(raw: bytes | mmap.mmap, salt: int, size: int) -> State | None:
-    """The state in `raw` (bytes 0..84 of a state file) if it describes the WAL with this salt
-    and is consistent with a log of `size` bytes, else None."""
+    """The state in `raw` (the first 84 bytes of a state file at least; with the flush slot,
+    116) if it describes the WAL with this salt and is consistent with a log of `size` bytes,
+    else None. durable_end is the durable mark: durable_end or the flush slot's, the larger."""
     if len(raw) < _GROUP_END:
         return None
     magic, s, boot, written_end, last_seq, terminal_off, durable_end, cut_gen, failed = _GROUP.unpack_from(raw, 0)
     if magic != MAGIC or s != _wal_ident(salt) or _U32.unpack_from(raw, _CRC_AT)[0] != zlib.crc32(raw[8:_CRC_AT]):
         return None
+    flushed = _flushed(bytes(raw[:_SLOT_END]), cut_gen, written_end)
+    if flushed > durable_end:
+        durable_end = flushed
     same_boot = boot == boot_id()
     if same_boot:
         if not FILE_HEADER_SIZE <= written_end <= size or durable_end > written_end:
@@ -116,10 +159,27 @@ def read_state(wal_path: str, salt: int, size: int) -> State | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     try:
-        raw = os.pread(fd, _GROUP_END, 0)
+        raw = _settled(lambda: os.pread(fd, SHM_SIZE, 0))
     finally:
         os.close(fd)
     return decode(raw, salt, size)
+
+
+_SETTLE_TRIES = 8
+
+
+def _settled(read: Callable[[], bytes]) -> bytes:
+    """The state's bytes, read until two reads in a row agree (at most a few times): a read
+    racing a store or a flush leader's slot write would otherwise see a crc mismatch and take
+    the state, or the slot, for unknown, so that a mark another process saw could look lower.
+    Unknown stays safe; this only keeps readers from seeing it for a write in progress."""
+    a = read()
+    for _ in range(_SETTLE_TRIES):
+        b = read()
+        if a == b:
+            return b
+        a = b
+    return a
 
 
 def read_witness(wal_path: str, salt: int, size: int) -> int:
@@ -134,14 +194,44 @@ def read_durable_end(wal_path: str, salt: int, size: int) -> int:
     return 0 if st is None or st.failed else st.durable_end
 
 
+# Futex numbers of the architectures walspan runs on; elsewhere flush waiters fall back to flocks.
+_SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "arm64": 98}
+_FUTEX_WAIT, _FUTEX_WAKE = 0, 1  # not FUTEX_PRIVATE: the word is in a mapping shared by processes
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+@functools.lru_cache(maxsize=1)
+def _futex() -> tuple[Any, int] | None:
+    """(libc's syscall function, SYS_futex) on Linux where the number is known, else None."""
+    nr = _SYS_FUTEX.get(os.uname().machine) if hasattr(os, "uname") and sys.platform.startswith("linux") else None
+    if nr is None:
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.syscall
+    except (OSError, AttributeError):  # pragma: no cover
+        return None
+    fn.restype = ctypes.c_long
+    return fn, nr
+
+
 class SharedState:
-    """The mapped state file of one WAL, for one process."""
+    """The mapped state file of one WAL, for one process.
+
+    The last state this process stored or decoded is kept with the bytes it came from: while
+    the mapping holds the same bytes (and the log the same size), `read` skips the crc and the
+    unpacking. Any change by anyone (a store, a flush, a hint) changes the bytes and so
+    forces a full decode."""
 
     def __init__(self, path: str, salt: int) -> None:
         self.path = path
         self.salt = salt
         self._ident = _wal_ident(salt)
         self._boot = boot_id()
+        self._seen: tuple[bytes, int, State | None] = (b"", -1, None)
         fd = _fsutil.open_file(path, os.O_RDWR | os.O_CREAT)
         try:
             _allocate(fd, path)
@@ -150,37 +240,107 @@ class SharedState:
             os.close(fd)
             raise
         self.fd = fd
+        futex = _futex()
+        self._seq_word: ctypes.c_uint32 | None = None
+        if futex is not None:
+            self._seq_word = ctypes.c_uint32.from_buffer(self._mm, _SEQ_AT)
+            self._seq_addr = ctypes.addressof(self._seq_word)
+            self._futex_call, self._futex_nr = futex
+
+    @property
+    def can_wait(self) -> bool:
+        """Whether flush waiters can sleep on flush_seq (a futex), rather than on flocks."""
+        return self._seq_word is not None
+
+    @property
+    def flush_seq(self) -> int:
+        return int(_U32.unpack_from(self._mm, _SEQ_AT)[0])
+
+    def end_flush(self) -> None:
+        """Bump flush_seq (holder of the flush lock only: it is the word's only writer)."""
+        self._mm[_SEQ_AT : _SEQ_AT + 4] = _U32.pack((self.flush_seq + 1) & 0xFFFFFFFF)
+
+    def wake_flush_waiters(self) -> None:
+        """Wake every process sleeping in wait_flush (after end_flush and the flush lock's release)."""
+        if self._seq_word is not None:
+            n = self._futex_call(self._futex_nr, ctypes.c_void_p(self._seq_addr), _FUTEX_WAKE, 0x7FFFFFFF, None, None, 0)
+            self._mm[_WOKEN_AT : _WOKEN_AT + 4] = _U32.pack(max(0, n))
+
+    @property
+    def woken(self) -> int:
+        """How many waiters the last flush leader woke: writers about to append again (a hint
+        for the next leader's wait, never trusted for anything else)."""
+        return int(_U32.unpack_from(self._mm, _WOKEN_AT)[0])
+
+    def wait_flush(self, seq: int, timeout: float) -> None:
+        """Sleep until flush_seq is no longer `seq` (a flush ended), or `timeout` seconds pass (a
+        leader that died mid-flush wakes nobody: the caller looks again). Returns at once if
+        flush_seq already moved. Only where can_wait."""
+        ts = _Timespec(int(timeout), int((timeout % 1) * 1e9))
+        self._futex_call(self._futex_nr, ctypes.c_void_p(self._seq_addr), _FUTEX_WAIT, seq, ctypes.byref(ts), None, 0)
 
     def read(self, size: int) -> State | None:
-        return decode(self._mm[0:_GROUP_END], self.salt, size)
+        raw = self._mm[0:_SLOT_END]
+        seen = self._seen
+        if raw == seen[0] and size == seen[1]:
+            return seen[2]
+        st = decode(raw, self.salt, size)
+        self._seen = (raw, size, st)
+        return st
 
     def store(self, written_end: int, last_seq: int, terminal_off: int, durable_end: int, cut_gen: int, failed: int) -> None:
         """Under the append lock only."""
         packed = _GROUP.pack(
             MAGIC, self._ident, self._boot, written_end, last_seq, terminal_off, durable_end, cut_gen, failed
         )
-        self._mm[0:_GROUP_END] = packed + _U32.pack(zlib.crc32(packed[8:]))
+        mm = self._mm
+        mm[0:_GROUP_END] = packed + _U32.pack(zlib.crc32(packed[8:]))
+        raw = mm[0:_SLOT_END]
+        flushed = _flushed(raw, cut_gen, written_end)
+        if flushed > durable_end:
+            durable_end = flushed
+        self._seen = (raw, written_end, State(written_end, last_seq, terminal_off, durable_end, cut_gen, failed, True))
 
     def durable_end(self) -> int:
-        """durable_end read without the append lock; 0 when unknown (a read racing a store, a
-        state of another WAL or kernel run, a recorded fdatasync failure)."""
-        raw = self._mm[0:_GROUP_END]
+        """The durable mark read without the append lock; 0 when unknown (a state of another
+        WAL or kernel run, a recorded fdatasync failure, a read racing a write that did not
+        settle)."""
+        mm = self._mm
+        raw = mm[0:_SLOT_END]
+        seen = self._seen
+        if raw == seen[0]:
+            st = seen[2]
+            return 0 if st is None or st.failed or not st.same_boot else st.durable_end
+        if _U32.unpack_from(raw, _CRC_AT)[0] != zlib.crc32(raw[8:_CRC_AT]) or not _slot_intact(raw):
+            raw = _settled(lambda: mm[0:_SLOT_END])  # a store or a slot write in progress
         if _U32.unpack_from(raw, _CRC_AT)[0] != zlib.crc32(raw[8:_CRC_AT]):
             return 0
-        magic, s, boot, _we, _seq, _term, durable_end, _gen, failed = _GROUP.unpack_from(raw, 0)
+        magic, s, boot, written_end, _seq, _term, durable_end, cut_gen, failed = _GROUP.unpack_from(raw, 0)
         if magic != MAGIC or s != self._ident or boot != self._boot or failed:
             return 0
-        return int(durable_end)
+        flushed = _flushed(raw, cut_gen, written_end)
+        return int(flushed if flushed > durable_end else durable_end)
 
-    def cut_gen_and_end(self) -> tuple[int, int] | None:
-        """(cut_gen, written_end) read without the append lock, or None if unknown."""
+    def flush_target(self) -> tuple[int, int, int] | None:
+        """(cut_gen, written_end, failed) read without the append lock, or None if unknown."""
         raw = self._mm[0:_GROUP_END]
         if _U32.unpack_from(raw, _CRC_AT)[0] != zlib.crc32(raw[8:_CRC_AT]):
             return None
-        magic, s, boot, written_end, _seq, _term, _de, cut_gen, _failed = _GROUP.unpack_from(raw, 0)
+        magic, s, boot, written_end, _seq, _term, _de, cut_gen, failed = _GROUP.unpack_from(raw, 0)
         if magic != MAGIC or s != self._ident or boot != self._boot:
             return None
-        return int(cut_gen), int(written_end)
+        return int(cut_gen), int(written_end), int(failed)
+
+    def publish_flushed(self, cut_gen: int, end: int) -> None:
+        """Record in the flush slot that every byte below `end` (a written_end read with
+        `cut_gen` before an fdatasync that then succeeded) is durable. Holder of the flush lock
+        only: it is the slot's only writer, so the slot never goes down within a cut_gen."""
+        mm = self._mm
+        old_end, old_gen = _SLOT.unpack_from(mm, _SLOT_AT)
+        if old_gen == cut_gen and old_end >= end:
+            return
+        slot = _SLOT.pack(end, cut_gen)
+        mm[_SLOT_AT:_SLOT_END] = slot + _U32.pack(zlib.crc32(slot))
 
     @property
     def flush_hint(self) -> int:
@@ -197,6 +357,7 @@ class SharedState:
         _fsutil.sync_data(self.fd, self.path)
 
     def close(self) -> None:
+        self._seq_word = None  # drop the export of the mapping, or it cannot be closed
         try:
             self._mm.close()
         except (BufferError, ValueError):  # pragma: no cover

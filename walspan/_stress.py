@@ -109,6 +109,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._damage import DEFAULT_TRIALS as DEFAULT_DAMAGE_TRIALS
+from ._wal import DURABILITY_LEVELS
 
 FATES = ("sigkill", "sigterm", "end", "close", "exception")
 TERMINAL_STATUS = {"end": "completed", "exception": "error", "sigterm": "crashed"}
@@ -942,10 +943,10 @@ def register(sub: Any) -> None:
     s.add_argument("--sessions", type=_positive_int, default=4, help="sessions shared by the writers (default %(default)s)")
     s.add_argument(
         "--durability",
-        choices=("durable", "process"),
+        choices=DURABILITY_LEVELS,
         default="durable",
-        help="durability level of the writers (default %(default)s); process mode writes about ten times "
-        "the data per second, so the checks after the load take minutes: pair it with a short --duration",
+        help="durability level of the writers (default %(default)s); interval and process modes write about ten "
+        "times the data per second, so the checks after the load take minutes: pair them with a short --duration",
     )
     s.add_argument("--kill-rate", type=_rate, default=0.5, help="share of writers killed by a signal (default %(default)s)")
     s.add_argument(

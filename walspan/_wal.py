@@ -12,32 +12,53 @@ Under the append lock a writer trusts the shared state only if it is consistent 
 otherwise it rebuilds it by scanning the log, truncating a torn tail (and keeping the torn
 bytes as evidence when it cannot prove they were never acknowledged).
 
-Group commit. After its write, an append needs its record (ending at E) durable:
+Appends within a process. Threads hand their records to one writer: a thread that finds
+another thread writing queues its record and waits for the writer's mutex; the next thread to
+get it takes the whole queue and writes it with one lock round-trip, one pwrite and one store of
+the shared state, and the threads whose records it wrote just pass the mutex on.
 
-1. durable_end >= E: it returns at once, no flush of its own.
-2. Within a process (threads), at most one flush runs at a time: a thread that finds one in
-   flight waits for it (a Condition). If it covers E, the thread returns; if not (E was written
-   after it began), the first thread to wake leads the next flush, which covers every record
-   its process's threads wrote meanwhile: one fdatasync for the whole batch.
-3. Across processes, that one thread tries the flush lock without blocking. The leader who
-   gets it reads (cut_gen, written_end W), publishes W as flush_hint, runs one fdatasync and
-   raises durable_end to W. A writer who finds the lock taken and flush_hint >= E waits for
-   that flush with a *shared* flock (every such waiter wakes at once when the leader is done),
-   then looks at durable_end again.
-4. A writer whose record another process's flush in flight does not cover runs its own
-   fdatasync at once, beside the leader's (the kernel merges overlapping fdatasyncs of one
-   file into one journal commit).
+Group commit (durable level). After its write, an append needs its record (ending at E) durable:
 
-Why an acknowledged record is durable: an append returns only (a) after observing
-durable_end >= E, or (b) after an fdatasync of its own that began after its record was
-written. durable_end is raised, under the append lock, only to a W read before an fdatasync
-that then succeeded, and only if no cut happened since W was read (cut_gen unchanged) and no
-process recorded a failed fdatasync; written_end only counts complete records, so every byte
-below W was written before that fdatasync began and is covered by it. flush_hint only decides
-whether to wait or to flush: a stale value costs a flush or a second look, never a wrong
-acknowledgement. A failed fdatasync is never retried: it is recorded in the shared state, and
-every process then refuses appends to this WAL (DurabilityError) until `repair` re-writes and
-re-syncs what followed the last good flush.
+1. durable mark >= E: it returns at once, no flush of its own.
+2. Within a process at most one thread flushes at a time: a thread that finds a flush in flight
+   waits for it; if it covers E the thread returns, if not the first thread to wake leads the
+   next flush, which covers every record its process's threads wrote meanwhile.
+3. Across processes, at most one flush runs at a time, led by the holder of the flush lock (an
+   exclusive flock on S.shm, taken without blocking). If the previous leader woke more than one
+   waiter, those writers are appending their next records right now: the leader first waits
+   half as long as its last fdatasync took (at most 0.2 ms; PostgreSQL's commit_delay with
+   commit_siblings), so that its flush covers them rather than the next one. It then reads
+   (cut_gen, written_end W), publishes W as flush_hint, runs one fdatasync, records W in the
+   flush slot of the shared state (the durable mark, raised without the append lock), bumps
+   flush_seq, drops the lock and wakes every waiter (recording how many it woke).
+4. A writer who finds the flush lock taken sleeps until flush_seq moves (a futex on that word
+   of the shared mapping: every waiter wakes at once), then starts again at 1: the flush that
+   ended covered it, or it was written while that flush ran and the first such writer to take
+   the flush lock leads the next flush, whose W covers the whole queue (every record written
+   while the previous flush ran); the others are covered by it and sleep once more. Each flush
+   thus covers every record written before it began, and the fdatasyncs of one WAL run one
+   after the other, each for a whole batch, as a database's group commit does. The sleep has
+   a timeout (a leader that dies mid-flush wakes nobody; its flock is released by the kernel).
+   Where no futex is available, a writer covered by the hint of the flush in flight waits for
+   it with a shared flock on S.shm, and any other runs its own fdatasync at once.
+
+Interval level. Appends return after their write; a background thread per process (one for
+all its WALs) runs the group commit above for each WAL this process wrote to, at most every
+`flush_interval` seconds and only if its writes are not yet under the durable mark. A power
+loss therefore loses at most what was acknowledged since the start of the last completed
+flush (about one interval plus one fdatasync), always a suffix of the log, never a hole.
+
+Why an acknowledged durable record is durable: an append returns only (a) after observing a
+durable mark >= E, or (b) after leading a flush, an fdatasync that began after its record was
+written. The durable mark is raised only to a W read before an fdatasync that then succeeded:
+durable_end under the append lock, the flush slot by the flush leader; either counts only while
+cut_gen is what it was when W was read (no cut since) and no process recorded a failed
+fdatasync; written_end only counts complete records, so every byte below W was written before
+that fdatasync began and is covered by it. flush_hint and flush_seq only decide whether to wait
+or to flush: a stale value costs a flush or a second look, never a wrong acknowledgement. A
+failed fdatasync is never retried: it is recorded in the shared state, and every process then
+refuses appends to this WAL (DurabilityError) until `repair` re-writes and re-syncs what
+followed the last good flush.
 """
 
 from __future__ import annotations
@@ -57,6 +78,7 @@ from . import _fsutil, _locking
 from ._format import (
     FILE_HEADER_SIZE,
     MAX_RECORD_PAYLOAD,
+    RECORD_HEADER_SIZE,
     RecordType,
     encode_file_header,
     frame_record,
@@ -75,10 +97,17 @@ _ATTACH, _DETACH = int(RecordType.WRITER_ATTACH), int(RecordType.WRITER_DETACH)
 _WRITER_TYPES = frozenset({_ATTACH, _DETACH, int(RecordType.WRITER_LOST)})
 _NO_PAYLOADS: frozenset[int] = frozenset()
 _SLOW_FSYNC_NS = 1_000_000_000
+#: How long a flush waiter sleeps at most before it looks again (a leader that died mid-flush
+#: wakes nobody); a flush normally ends, and wakes its waiters, in well under a millisecond.
+_FLUSH_WAIT_TIMEOUT = 0.05
+#: The longest a flush leader waits for the writers the previous flush woke (see _lead).
+_MAX_COMMIT_DELAY = 0.0002
 
 DURABLE = "durable"
+INTERVAL = "interval"
 PROCESS = "process"
-DURABILITY_LEVELS = (DURABLE, PROCESS)
+DURABILITY_LEVELS = (DURABLE, INTERVAL, PROCESS)
+DEFAULT_FLUSH_INTERVAL = 0.1
 
 
 def internal_dir(store_dir: str) -> str:
@@ -117,16 +146,23 @@ class WalHandle:
     _flush_cv: threading.Condition
     _flushing: bool
     _waiting: int
+    _queue_lock: threading.Lock
+    _queue: list[_Pending]
 
-    def __init__(self, store_dir: str, stem: str, durability: str) -> None:
+    def __init__(self, store_dir: str, stem: str, durability: str, flush_interval: float = DEFAULT_FLUSH_INTERVAL) -> None:
         self.stem = stem
         self.path = os.path.join(store_dir, stem + ".wal")
+        self.durability = durability
         self.durable = durability == DURABLE
+        self.interval = durability == INTERVAL
+        self.flush_interval = flush_interval
         self.pid = os.getpid()
         self._mutex = threading.Lock()  # serialises this process's threads before the flock
         self._init_flush_state()
         self._failed: DurabilityError | None = None
         self._closed = False
+        self._last_sync_ns = 0  # how long this process's last fdatasync of the WAL took
+        self.written_hi = 0  # end of the last record this process wrote (the interval flusher's target)
         self.users = 0  # owned by the Store's descriptor cache (under its lock)
         self.retired = False  # left that cache: close when the last user is done
         self._fds: list[int] = []
@@ -145,6 +181,8 @@ class WalHandle:
         except BaseException:
             self._close_fds()
             raise
+        if self.interval:
+            _interval_flusher().add(self)
 
     def _open(self, path: str, flags: int) -> int:
         fd = _fsutil.open_file(path, flags)
@@ -184,7 +222,7 @@ class WalHandle:
             raise self._failed
         if self._closed:
             raise ValueError(f"WAL handle for {self.path} is closed")
-        with self._mutex:
+        with self._exclusive():
             _locking.lock(self._lock_fd)
             try:
                 yield self._sync_locked(allow_failed)
@@ -194,7 +232,7 @@ class WalHandle:
     def _sync_locked(self, allow_failed: bool = False) -> LockedWal:
         """Under the lock: the valid end of the log, from the shared state if it can be trusted,
         else from a scan (which truncates a torn tail)."""
-        size = os.fstat(self.fd).st_size
+        size = os.lseek(self.fd, 0, os.SEEK_END)  # the size, without building a stat result
         st = self.shm.read(size)
         if st is None or not st.same_boot or st.written_end != size:
             st = self._rebuild_locked(size, st)
@@ -267,7 +305,7 @@ class WalHandle:
         self.shm.store(st.written_end, st.last_seq, st.terminal_off, st.durable_end, st.cut_gen, 1 + st.durable_end)
 
     def _mark_failed(self) -> None:
-        with self._mutex:
+        with self._exclusive():
             _locking.lock(self._lock_fd)
             try:
                 st = self.shm.read(os.fstat(self.fd).st_size)
@@ -286,7 +324,7 @@ class WalHandle:
         - a recorded fdatasync failure: the records written since the last good flush are
           re-written from the page cache, checked, and fdatasynced again.
         Returns what was done, or None if the log was sound."""
-        with self._mutex:
+        with self._exclusive():
             _locking.lock(self._lock_fd)
             try:
                 return self._repair_locked()
@@ -357,35 +395,101 @@ class WalHandle:
     def append(self, rtype: int, payload: dict[str, Any], session_id: str) -> tuple[int, int]:
         """Append one record; return (seq, end offset) once it is acknowledged."""
         body = _packed_within_limit(payload)
-        # the locked section of `locked()`, spelled out: this is the hot path
         if self._failed is not None:
             raise self._failed
         if self._closed:
             raise ValueError(f"WAL handle for {self.path} is closed")
-        with self._mutex:
-            _locking.lock(self._lock_fd)
+        mutex = self._mutex
+        if not self._queue and mutex.acquire(False):  # no other thread of ours is writing: write now
             try:
-                wal = self._sync_locked()
-                if wal.terminal_off:
-                    info = self.terminal_info(wal.terminal_off)
-                    raise TraceClosedError(session_id, info.get("status", "?"), info.get("message"))
-                seq, end = wal.append_packed(rtype, body)
+                _locking.lock(self._lock_fd)
+                try:
+                    # _sync_locked and LockedWal.append_packed, spelled out: this is the hot path
+                    size = os.lseek(self.fd, 0, os.SEEK_END)
+                    st = self.shm.read(size)
+                    if st is None or not st.same_boot or st.written_end != size or st.failed or st.terminal_off:
+                        wal = self._sync_locked()
+                        if wal.terminal_off:
+                            info = self.terminal_info(wal.terminal_off)
+                            raise TraceClosedError(session_id, info.get("status", "?"), info.get("message"))
+                        seq, end = wal.append_packed(rtype, body)
+                    else:
+                        seq = st.last_seq + 1
+                        frame = frame_record(self.keys, rtype, seq, body)
+                        try:
+                            _fsutil.write_all(self.fd, frame, size, self.path)
+                        except OSError as exc:
+                            _undo_write(self.fd, size)
+                            raise DurabilityError(self.path, "write", exc) from exc
+                        end = size + len(frame)
+                        self.shm.store(end, seq, end - len(frame) if rtype == _TERMINAL else 0, st.durable_end, st.cut_gen, 0)
+                        self.written_hi = end
+                finally:
+                    _locking.unlock(self._lock_fd)
             finally:
-                _locking.unlock(self._lock_fd)
-        if self.durable and self._durable_end() < end:
+                mutex.release()
+        else:
+            seq, end = self._append_queued(_Pending(rtype, body), session_id)
+        if self.durable and self.shm.durable_end() < end:
             self.wait_durable(end)
         return seq, end
 
+    def _append_queued(self, item: _Pending, session_id: str) -> tuple[int, int]:
+        """Another thread of this process is writing: queue the record and wait for the writer's
+        mutex. Whoever gets it next writes every record queued by then in one locked section;
+        a thread that finds its record already written just passes the mutex on."""
+        with self._queue_lock:
+            self._queue.append(item)
+        self._mutex.acquire()
+        try:
+            if not item.done:
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                try:
+                    self._write_batch(batch, session_id)
+                finally:
+                    for it in batch:
+                        it.done = True  # read by their threads once they hold the mutex
+        finally:
+            self._mutex.release()
+        if item.error is not None:
+            raise item.error
+        return item.seq, item.end
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """This process's writer mutex, for everything but appends."""
+        with self._mutex:
+            yield
+
+    def _write_batch(self, batch: list[_Pending], session_id: str) -> None:
+        """Holding the writer mutex: write the records of `batch` (queued by this process's
+        threads) in one locked section: one flock round-trip, one pwrite, one store of the
+        shared state. Each record gets its seq and end, or the error that refused it."""
+        try:
+            _locking.lock(self._lock_fd)
+            try:
+                wal = self._sync_locked()
+                wal.append_batch(batch, session_id)
+            finally:
+                _locking.unlock(self._lock_fd)
+        except BaseException as exc:  # refused before anything was written (or the write failed)
+            for it in batch:
+                if it.error is None and not it.end:
+                    it.error = exc
+            if not isinstance(exc, Exception):
+                raise
+
     def wait_durable(self, end: int) -> None:
         """Return once every byte below `end` is durable (group commit: see the module doc)."""
-        if self._durable_end() >= end:
+        if self.shm.durable_end() >= end:
             return
         cv = self._flush_cv
         with cv:
             while True:
                 if self._failed is not None:
                     raise self._failed
-                if self._durable_end() >= end:
+                if self.shm.durable_end() >= end:
                     return
                 if not self._flushing:
                     break
@@ -400,20 +504,40 @@ class WalHandle:
         finally:
             with cv:
                 self._flushing = False
+                self._woke = self._waiting  # threads about to append again (see _lead)
                 if self._waiting:
                     cv.notify_all()
 
     def _flush_across_processes(self, end: int) -> None:
-        """This process's one flush: lead one, wait for one in flight, or flush beside it."""
+        """This process's one flush: lead one, or sleep until the flush in flight ends and look
+        again (module doc, steps 3-5)."""
+        shm = self.shm
+        if not shm.can_wait:
+            self._flush_with_flocks(end)
+            return
+        flush_fd = self._shm_fd
+        while True:
+            seq = shm.flush_seq  # before the look: a flush ending after it makes the wait return at once
+            if shm.durable_end() >= end:
+                return
+            if _locking.try_lock(flush_fd):
+                try:
+                    if shm.durable_end() < end:  # a flush may have ended since the first look
+                        self._lead(end)
+                finally:
+                    _locking.unlock(flush_fd)
+                    shm.wake_flush_waiters()
+                return
+            shm.wait_flush(seq, _FLUSH_WAIT_TIMEOUT)
+
+    def _flush_with_flocks(self, end: int) -> None:
+        """Where no futex is available: wait for a flush in flight that covers `end` with a
+        shared flock on S.shm; otherwise flush beside it (the kernel merges the two)."""
         shm = self.shm
         if _locking.try_lock(self._shm_fd):
             try:
-                if shm.durable_end() >= end:
-                    return
-                snap = shm.cut_gen_and_end()
-                if snap is not None and snap[1] >= end:
-                    shm.flush_hint = snap[1]
-                self._sync_and_raise(snap, end)
+                if shm.durable_end() < end:
+                    self._lead(end)
             finally:
                 _locking.unlock(self._shm_fd)
             return
@@ -422,35 +546,37 @@ class WalHandle:
             _locking.unlock(self._shm_fd)
             if shm.durable_end() >= end:
                 return
-            # the leader failed, or the hint was stale: flush ourselves
-        self._sync_and_raise(shm.cut_gen_and_end(), end)
+        self._sync()  # began after our record was written: that alone acknowledges it
 
-    def _sync_and_raise(self, snap: tuple[int, int] | None, end: int) -> None:
-        """fdatasync (it began after our record, ending at `end`, was written: that alone
-        acknowledges it), then raise durable_end to the written_end read before it, for the
-        other writers, unless the log was cut meanwhile or a failure was recorded."""
+    def _lead(self, end: int) -> None:
+        """Holding the flush lock: read the target, flush, and raise the durable mark to the target (the flush slot), unless a cut happened or a
+        failure was recorded meanwhile (then the slot does not count: see _shm)."""
+        shm = self.shm
+        if (shm.woken > 1 or self._woke > 1) and self._last_sync_ns:
+            # commit_delay: the writers the last flush woke are appending their next records
+            # now; waiting half a flush lets this one cover them too instead of the next one.
+            time.sleep(min(_MAX_COMMIT_DELAY, self._last_sync_ns / 2e9))
+        snap = shm.flush_target()
+        if snap is not None and snap[2]:
+            raise self._poisoned()  # another process's fdatasync failed: never flush over it
+        if snap is not None and snap[1] >= end:
+            shm.flush_hint = snap[1]
         try:
             self._sync()
+            if snap is not None and snap[1] >= end:
+                shm.publish_flushed(snap[0], snap[1])
         except DurabilityError:
             self._mark_failed()
             raise
-        if snap is None or snap[1] < end:
-            return  # the state was unreadable or stale: our own record is covered, that is all
-        gen, target = snap
-        with self._mutex:
-            _locking.lock(self._lock_fd)
-            try:
-                st = self.shm.read(os.fstat(self.fd).st_size)
-                if (
-                    st is not None
-                    and st.same_boot
-                    and st.cut_gen == gen
-                    and not st.failed
-                    and st.durable_end < target <= st.written_end
-                ):
-                    self.shm.store(st.written_end, st.last_seq, st.terminal_off, target, gen, 0)
-            finally:
-                _locking.unlock(self._lock_fd)
+        finally:
+            shm.end_flush()  # after the mark: waiters look again, covered or to lead the next flush
+        # else the state was unreadable or stale: our own record is covered, that is all
+
+    def flush_written(self) -> None:
+        """Make durable every record this process wrote (the interval flusher, and close)."""
+        hi = self.written_hi
+        if hi and not self._closed and self._failed is None and self.shm.durable_end() < hi:
+            self.wait_durable(hi)
 
     def _sync(self) -> None:
         if self._failed is not None:
@@ -464,6 +590,7 @@ class WalHandle:
             self._failed = DurabilityError(self.path, "fdatasync", exc)
             raise self._failed from exc
         took = time.monotonic_ns() - t0
+        self._last_sync_ns = took
         if took > _SLOW_FSYNC_NS:
             log.warning("walspan: slow fdatasync on %s: %.1f ms", self.path, took / 1e6)
 
@@ -471,11 +598,20 @@ class WalHandle:
         self._flush_cv = threading.Condition(threading.Lock())
         self._flushing = False  # a thread of this process is flushing (or waiting on another's)
         self._waiting = 0  # threads waiting on _flush_cv
+        self._woke = 0  # threads the last flush of this process woke
+        self._queue_lock = threading.Lock()
+        self._queue = []  # records handed over by this process's threads, not yet written
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def close(self) -> None:
-        with self._mutex:
+        if self.interval and not self._closed:
+            _interval_flusher().remove(self)  # waits for a flush of ours in progress
+            try:
+                self.flush_written()  # a clean close leaves nothing for a power loss to take
+            except DurabilityError as exc:
+                log.warning("walspan: %s: final flush failed: %s", self.path, exc)
+        with self._exclusive():
             if self._closed:
                 return
             self._closed = True
@@ -565,10 +701,7 @@ class LockedWal:
         try:
             _fsutil.write_all(h.fd, frame, offset, h.path)
         except OSError as exc:
-            try:  # leave no partial record behind; if this fails too, the next append repairs
-                os.ftruncate(h.fd, offset)
-            except OSError:
-                pass
+            _undo_write(h.fd, offset)
             raise DurabilityError(h.path, "write", exc) from exc
         end = offset + len(frame)
         if rtype == _TERMINAL:
@@ -576,10 +709,50 @@ class LockedWal:
         self.end = end
         self.last_seq = seq
         h.shm.store(end, seq, self.terminal_off, self._durable, self._gen, self._failed)
+        h.written_hi = end
         return seq, end
 
     def append(self, rtype: int, payload: dict[str, Any]) -> tuple[int, int]:
         return self.append_packed(rtype, _packed_within_limit(payload))
+
+    def append_batch(self, batch: list[_Pending], session_id: str) -> None:
+        """Append the records of `batch` in order with one pwrite and one store of the shared
+        state; each gets its seq and end. First terminal record wins: a record after a TERMINAL
+        (already in the log, or earlier in the batch) is refused with TraceClosedError."""
+        h = self._h
+        keys = h.keys
+        offset = self.end
+        seq = self.last_seq
+        term = self.terminal_off
+        frames = []
+        end = offset
+        written = []
+        for it in batch:
+            if term:
+                info = h.terminal_info(term) if term < offset else _terminal_payload(batch, term, offset)
+                it.error = TraceClosedError(session_id, info.get("status", "?"), info.get("message"))
+                continue
+            seq += 1
+            frame = frame_record(keys, it.rtype, seq, it.body)
+            if it.rtype == _TERMINAL:
+                term = end
+            it.seq = seq
+            end += len(frame)
+            it.end = end
+            frames.append(frame)
+            written.append(it)
+        if not frames:
+            return
+        try:
+            _fsutil.write_all(h.fd, frames[0] if len(frames) == 1 else b"".join(frames), offset, h.path)
+        except OSError as exc:
+            for it in written:
+                it.seq = it.end = 0
+            _undo_write(h.fd, offset)
+            raise DurabilityError(h.path, "write", exc) from exc
+        self.end, self.last_seq, self.terminal_off = end, seq, term
+        h.shm.store(end, seq, term, self._durable, self._gen, self._failed)
+        h.written_hi = end
 
     def records(
         self, decode_types: frozenset[int] | None = None, start: int = FILE_HEADER_SIZE, start_seq: int = 0
@@ -616,6 +789,117 @@ class LockedWal:
         return ws
 
 
+def _undo_write(fd: int, offset: int) -> None:
+    """After a failed write: leave no partial record behind (if this fails too, the next append
+    finds the torn bytes and cuts them)."""
+    try:
+        os.ftruncate(fd, offset)
+    except OSError:
+        pass
+
+
+class _Pending:
+    """A record handed to this process's writer: its type and payload, then its seq and end
+    once written, or the error that refused it; `done` once its batch is over."""
+
+    __slots__ = ("rtype", "body", "seq", "end", "error", "done")
+
+    def __init__(self, rtype: int, body: bytes) -> None:
+        self.rtype = rtype
+        self.body = body
+        self.seq = 0
+        self.end = 0
+        self.error: BaseException | None = None
+        self.done = False
+
+
+def _terminal_payload(batch: list[_Pending], term: int, offset: int) -> dict[str, Any]:
+    """The payload of the TERMINAL record written at `term` by this batch (which starts at `offset`)."""
+    for it in batch:
+        if it.rtype == _TERMINAL and it.end and it.end - RECORD_HEADER_SIZE - len(it.body) == term:
+            info = unpack_payload(it.body)
+            return info if isinstance(info, dict) else {}
+    return {}  # pragma: no cover - the batch wrote it
+
+
+class _IntervalFlusher:
+    """The interval level's background flusher: one daemon thread per process for every WAL
+    it writes to in that level. Each WAL is looked at every `flush_interval` seconds and
+    flushed (group commit) if what this process wrote is not yet under the durable mark."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition(threading.Lock())
+        self._due: dict[WalHandle, float] = {}
+        self._busy: WalHandle | None = None
+        self._thread: threading.Thread | None = None
+
+    def add(self, h: WalHandle) -> None:
+        with self._cv:
+            self._due[h] = time.monotonic() + h.flush_interval
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="walspan-flusher", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def remove(self, h: WalHandle) -> None:
+        """Stop flushing `h`; returns once no flush of it is in progress."""
+        with self._cv:
+            self._due.pop(h, None)
+            while self._busy is h and threading.current_thread() is not self._thread:
+                self._cv.wait()
+
+    def _run(self) -> None:
+        cv = self._cv
+        while True:
+            with cv:
+                while True:
+                    now = time.monotonic()
+                    due = [h for h, t in self._due.items() if t <= now]
+                    if due:
+                        break
+                    cv.wait(min(self._due.values()) - now if self._due else None)
+                for h in due:
+                    self._due[h] = now + h.flush_interval
+            for h in due:
+                with cv:
+                    if h not in self._due:
+                        continue  # removed meanwhile
+                    self._busy = h
+                try:
+                    h.flush_written()
+                except Exception as exc:  # recorded on the handle: its next append raises it
+                    log.warning("walspan: %s: background flush failed: %s", h.path, exc)
+                finally:
+                    with cv:
+                        self._busy = None
+                        cv.notify_all()
+
+
+_flusher: _IntervalFlusher | None = None
+_flusher_lock = threading.Lock()
+
+
+def _interval_flusher() -> _IntervalFlusher:
+    """This process's flusher, started on first use."""
+    global _flusher
+    with _flusher_lock:
+        if _flusher is None:
+            _flusher = _IntervalFlusher()
+        return _flusher
+
+
+def _forget_flusher_after_fork() -> None:
+    """In a fork child: threads do not survive fork, and the parent's handles are abandoned;
+    the child starts its own flusher when it opens a WAL in the interval level."""
+    global _flusher, _flusher_lock
+    _flusher = None
+    _flusher_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_flusher_after_fork)
+
+
 @dataclass
 class WriterScan:
     """Writers still attached after the records up to `end` (seq `seq`); `last`: the offset of
@@ -642,6 +926,15 @@ def _packed_within_limit(payload: dict[str, Any]) -> bytes:
     if len(body) > MAX_RECORD_PAYLOAD:  # a reader would take a longer record for damage
         raise ValueError(f"record of {len(body)} bytes is over the {MAX_RECORD_PAYLOAD}-byte limit; nothing written")
     return body
+
+
+def check_flush_interval(value: object) -> float:
+    """The interval level's flush period in seconds: a number, 0.001 <= value <= 60."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"flush_interval must be a number of seconds, not {type(value).__name__}")
+    if not 0.001 <= value <= 60:
+        raise ValueError(f"flush_interval must be between 0.001 and 60 seconds, not {value!r}")
+    return float(value)
 
 
 def check_durability(value: object) -> str:
