@@ -256,3 +256,32 @@ def test_after_a_reboot_only_durable_end_vouches_for_the_log(tmp_path: Path, mon
     flip_byte(wal, inside + RECORD_HEADER_SIZE + 1)  # ...and it is damaged: nothing written after
     with pytest.raises(walspan.CorruptWALError):
         walspan.Store(tmp_path, install_hooks=False).load(SID)
+
+
+def test_repair_after_a_failed_fdatasync_resyncs_a_region_larger_than_its_chunk(tmp_path: Path) -> None:
+    """The records written since the last good flush can be large (here one record of about
+    3 MiB, beyond the 2 MiB chunk repair copies in): repair re-writes every byte of them, and
+    the log reads whole and takes durable appends afterwards."""
+    store = walspan.Store(tmp_path, install_hooks=False)
+    t = store.open(SID)
+    fill(t, 2)
+    wal = str(store.wal_path(SID))
+    me = threading.get_ident()
+    big = {k: k * (1 << 20) for k in ("a", "b", "c")}
+    _fsutil.faults.hook = fail_fsync_in(lambda: me, wal)
+    try:
+        with pytest.raises(walspan.DurabilityError):
+            t.start_span("big", attributes=big)
+    finally:
+        _fsutil.faults.hook = None
+    other = walspan.Store(tmp_path, install_hooks=False)
+    result = other.repair(SID)
+    assert result is not None and result.action == "resynced" and result.moved > 3 << 20
+    assert result.offset + result.moved == os.path.getsize(wal)
+    names = [s["name"] for s in other.load(SID)["spans"]]
+    assert names[-1] == "big"
+    t2 = other.open(SID)
+    assert_durable_append_syncs(other, t2)
+    other.close()
+    with pytest.raises(walspan.DurabilityError):
+        store.close()

@@ -360,14 +360,19 @@ class WalHandle:
             return Repair("cut" if damage is not None else "torn_tail", cut, size - cut, copy, reason)
         if st is not None and st.failed:
             start = st.failed - 1
-            data = os.pread(self.fd, scan.end - start, start)
-            _fsutil.write_all(self.fd, data, start, self.path)  # dirty the pages again
+            pos = start
+            while pos < scan.end:  # dirty the pages again, a chunk at a time (never the whole log in memory)
+                chunk = os.pread(self.fd, min(_fsutil.SYNC_CHUNK, scan.end - pos), pos)
+                if not chunk:
+                    break
+                _fsutil.write_all(self.fd, chunk, pos, self.path)
+                pos += len(chunk)
             self._failed = None
             self._sync()
             self.shm.store(scan.end, scan.last_seq, term, scan.end, gen + 1, 0)
             msg = "re-wrote and re-synced the records after a failed fdatasync"
-            log.warning("walspan: %s: %s (%d bytes from offset %d)", self.path, msg, len(data), start)
-            return Repair("resynced", start, len(data), None, msg)
+            log.warning("walspan: %s: %s (%d bytes from offset %d)", self.path, msg, pos - start, start)
+            return Repair("resynced", start, pos - start, None, msg)
         if st is None or not st.same_boot or st.written_end != size:
             self.shm.store(scan.end, scan.last_seq, term, min(durable, scan.end), _new_generation(), 0)
         return None
