@@ -3,8 +3,9 @@
 Compaction of one session is serialised by its own lock (.walspan/S.compact), never by the
 append lock: appends never wait for it. It is monotonic: the JSON names the WAL position it
 reflects (wal.offset / wal.seq), and a compaction never replaces a JSON with one reflecting
-less. It is incremental: the existing JSON is the checkpoint of the fold, so compacting after
-k new records costs O(k + size of the output), not a re-fold of the whole WAL.
+less. It is incremental: the existing JSON is the checkpoint of the fold, so only the k new
+records are decoded and folded. Every record's framing is still read and checked (one pass at
+checksum speed), so that compaction gives the same verdict about damage as every other reader.
 The JSON is a cache: deleting it loses nothing.
 """
 
