@@ -408,3 +408,46 @@ def test_power_loss_at_any_moment_keeps_what_was_promised(
             target = tmp_path / f"img-{i}-{j}"
             check_image(model, log, store_dir, records, moment, names, data, target, durability == "durable")
             shutil.rmtree(target)
+
+
+INTERVAL_WRITER = """
+import os, sys, walspan
+from walspan import _format, _shm
+store_dir, n_ops = sys.argv[1], int(sys.argv[2])
+store = walspan.Store(store_dir, durability="interval", flush_interval=0.002, install_hooks=False)
+trace = store.open("s")
+span = trace.start_span("w0", attributes={"w": 0, "n": 0})
+for n in range(1, n_ops):
+    span.add_event("e", {"w": 0, "n": n, "pad": "x" * (20 + (n * 37) % 700)})
+mark("appended")
+wal = os.path.join(store_dir, "s.wal")
+with open(wal, "rb") as f:
+    salt = _format.decode_file_header(f.read(32))
+while True:  # wait for the background flusher to cover everything (a condition, not a delay)
+    st = _shm.read_state(wal, salt, os.path.getsize(wal))
+    if st is not None and st.durable_end == os.path.getsize(wal):
+        break
+mark("covered")
+os._exit(0)
+"""
+
+
+def test_interval_flusher_marks_durable_only_what_an_fdatasync_of_the_wal_covered(
+    syscall_tracer: Tracer, tmp_path: Path
+) -> None:
+    """Interval level: appends return without flushing (far fewer flushes of the WAL than
+    appends, none by the appending calls themselves being required), and when the background
+    flusher has raised the durable mark to the end of the log, a flush of the WAL's own path
+    began after the write of its last record completed: the mark is never raised over bytes
+    no fdatasync covered."""
+    store_dir = tmp_path / "store"
+    log = syscall_tracer.run(INTERVAL_WRITER, str(store_dir), "2000", log=tmp_path / "trace.log")
+    wal = str(store_dir / "s.wal")
+    records = wal_records(Path(wal))
+    assert len(records) >= 2000
+    flushes = flushes_of(log, wal)
+    writes = [c for c in log.on(wal, ("pwrite", "write")) if c.ok]
+    assert 1 <= len(flushes) < len(records) // 10, f"{len(flushes)} flushes for {len(records)} records"
+    covered = log.marks("covered")[0]
+    last = writes_of(writes, wal, records[-1].offset, records[-1].end, before=covered.index)[0]
+    assert covering_flush(flushes, last, covered) is not None, "the durable mark covers bytes no fdatasync did"
